@@ -1,0 +1,38 @@
+# The two set-up commands: `make demo` and `make test` (both create .venv when it is missing).
+VENV ?= .venv
+BIN := $(VENV)/bin
+# glibc's malloc unmaps large freed buffers and faults them in again on every step; keeping them
+# mapped made training ~2x faster on the 2-core VMs (see README, "Performance").
+export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
+export LCTRUN_DATA ?= $(abspath ../shared/data)
+
+.PHONY: venv demo test test-fast lint format bench clean
+
+venv: $(BIN)/.installed
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+demo: venv
+	$(BIN)/lctrun compare experiments/demo-shapes.yaml --methods bp,lct,dgl
+
+test: venv
+	$(BIN)/pytest -q
+
+test-fast: venv
+	$(BIN)/pytest -q -m "not slow"
+
+lint: venv
+	$(BIN)/ruff check lctrun tests
+	$(BIN)/ruff format --check lctrun tests
+
+format: venv
+	$(BIN)/ruff format lctrun tests
+	$(BIN)/ruff check --fix lctrun tests
+
+bench: venv
+	$(BIN)/lctrun bench resnet20 --groups 2
+
+clean:
+	rm -rf results/runs results/compare .pytest_cache

@@ -1,0 +1,43 @@
+"""Datasets: every one is loaded into memory as a DataBundle and batched by a TensorLoader."""
+
+from __future__ import annotations
+
+import difflib
+
+from lctrun.config import DataConfig
+from lctrun.data.bundle import DataBundle
+from lctrun.data.loader import Batch, TensorLoader
+from lctrun.errors import ConfigError
+
+__all__ = ["DataBundle", "Batch", "TensorLoader", "load_data", "DATASETS"]
+
+DATASETS = {
+    "mnist": "MNIST digits, 28x28 grey, 60k/10k (torchvision files under the data root)",
+    "fashion-mnist": "Fashion-MNIST, 28x28 grey, 60k/10k (torchvision files under the data root)",
+    "cifar10": "CIFAR-10, 32x32 colour, 50k/10k; crop+flip augmentation (data.download=true to fetch)",
+    "cifar100": "CIFAR-100, 32x32 colour, 50k/10k; crop+flip augmentation (data.download=true to fetch)",
+    "shapes": "embedded: 10 classes of coloured shapes with noise and jitter, 32x32x3, generated from the seed",
+    "fake": "random tensors of data.shape with data.num_classes labels, for speed benchmarks",
+}
+
+
+def load_data(cfg: DataConfig, seed: int) -> DataBundle:
+    if cfg.name in ("mnist", "fashion-mnist", "cifar10", "cifar100"):
+        from lctrun.data.vision import load_vision
+
+        bundle = load_vision(cfg.name, cfg.root, cfg.download)
+    elif cfg.name == "shapes":
+        from lctrun.data.shapes import load_shapes
+
+        bundle = load_shapes(cfg.train_size or 10_000, cfg.test_size or 2_000, seed)
+    elif cfg.name == "fake":
+        from lctrun.data.fake import load_fake
+
+        return load_fake(cfg.shape, cfg.num_classes, cfg.train_size, cfg.test_size, seed)
+    else:
+        near = difflib.get_close_matches(cfg.name, list(DATASETS), n=3)
+        hint = f"did you mean {', '.join(near)}?" if near else f"known: {', '.join(DATASETS)}"
+        raise ConfigError(f"unknown dataset '{cfg.name}': {hint}")
+    if not cfg.augment:
+        bundle.augment = "none"
+    return bundle.subset(cfg.train_size, cfg.test_size, seed)

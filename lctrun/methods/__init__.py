@@ -1,0 +1,79 @@
+"""Method registry and how a method's stages are built from a model's layer groups."""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import nn
+
+from lctrun.config import Experiment
+from lctrun.errors import ConfigError
+from lctrun.methods.base import Method, Stage, StageContext, StepOut
+from lctrun.methods.bp import Backprop
+
+__all__ = [
+    "Method",
+    "Stage",
+    "StageContext",
+    "StepOut",
+    "METHODS",
+    "get_method",
+    "group_shapes",
+    "build_stage",
+]
+
+METHODS: dict[str, Method] = {m.name: m for m in [Backprop()]}
+
+
+def register(method: Method) -> None:
+    METHODS[method.name] = method
+
+
+def get_method(name: str) -> Method:
+    _load_all()
+    if name not in METHODS:
+        near = difflib.get_close_matches(name, list(METHODS), n=3)
+        hint = f"did you mean {', '.join(near)}?" if near else f"known: {', '.join(METHODS)}"
+        raise ConfigError(f"unknown method '{name}': {hint}")
+    return METHODS[name]
+
+
+def _load_all() -> None:
+    """Import the method modules that register themselves (kept lazy to keep `import lctrun` light)."""
+    import importlib
+
+    for module in ("lct", "dni", "layerpar"):
+        try:
+            importlib.import_module(f"lctrun.methods.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"lctrun.methods.{module}":
+                raise
+
+
+@torch.no_grad()
+def group_shapes(groups: list[nn.Module], in_shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(input shape, output shape) per sample of every group, from a dry run in eval mode."""
+    x = torch.zeros(2, *in_shape)
+    shapes = []
+    for g in groups:
+        mode = g.training
+        g.eval()
+        h = g(x)
+        g.train(mode)
+        shapes.append((tuple(x.shape[1:]), tuple(h.shape[1:])))
+        x = h
+    return shapes
+
+
+def build_stage(
+    method: Method,
+    groups: list[nn.Module],
+    k: int,
+    cfg: Experiment,
+    num_classes: int,
+    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]],
+    device: torch.device,
+) -> Stage:
+    ctx = StageContext(cfg, k, len(groups), num_classes, shapes[k][0], shapes[k][1], device)
+    return method.make_stage(groups[k], ctx)

@@ -1,0 +1,158 @@
+"""The interface between a training method and a runtime.
+
+A method is written once, per layer group, as a `Stage`: the group, the method's auxiliary modules
+for it (critic, head, synthesizer) and their optimisers. A runtime (one process, or one process per
+group) moves messages between stages and decides when each stage runs; a stage never knows which.
+
+One training step of stage k:
+    out = stage.train_step(x, y, idx)   # x: input of the group (data, or group k-1's forward message)
+    out.forward   -> the input of group k+1 (None for the last group)
+    out.backward  -> message for group k-1, if it is ready now (None if it must wait for feedback)
+    stage.feedback(msg)                  # msg: group k+1's backward message for this batch
+                                         # (only called when method.feedback is True); returns group
+                                         # k's own backward message if it was deferred (bp)
+Feedback for a batch arrives in the order the batches were stepped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lctrun.config import Experiment
+from lctrun.methods.optim import make_optimizer, make_scheduler
+
+
+@dataclass
+class StepOut:
+    forward: torch.Tensor | None = None
+    backward: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # sums over the batch, plus "n"
+
+
+@dataclass
+class StageContext:
+    cfg: Experiment
+    index: int  # k, from 0
+    num_groups: int  # K
+    num_classes: int
+    in_shape: tuple[int, ...]  # per-sample shape of the group's input
+    out_shape: tuple[int, ...]  # per-sample shape of the group's output
+    device: torch.device
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.num_groups - 1
+
+
+def classification_metrics(logits: torch.Tensor, y: torch.Tensor, per_sample_loss: torch.Tensor, prefix: str):
+    return {
+        f"{prefix}loss": per_sample_loss.detach().sum(),
+        f"{prefix}correct": (logits.detach().argmax(1) == y).sum(),
+    }
+
+
+class Stage:
+    """Default stage: the group trained on the classification loss when last, else nothing local."""
+
+    aux: nn.Module | None = None  # critic / head / synthesizer, owned by this stage
+
+    def __init__(self, group: nn.Module, ctx: StageContext):
+        self.ctx = ctx
+        self.device = ctx.device
+        self.group = group.to(ctx.device)
+        self.opt = make_optimizer(self.group.parameters(), ctx.cfg.optim)
+        self.sched = make_scheduler(self.opt, ctx.cfg.optim, ctx.cfg.epochs)
+        self.pending: deque = deque()  # per-batch state kept until that batch's feedback arrives
+        self.steps = 0
+
+    # -- training -------------------------------------------------------------------------------
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOut:
+        raise NotImplementedError
+
+    def feedback(self, msg: torch.Tensor | None) -> torch.Tensor | None:
+        return None
+
+    def last_step(self, x: torch.Tensor, y: torch.Tensor, send_back: str | None) -> StepOut:
+        """The last group: ordinary backprop on the true loss. `send_back`: grad | loss | None."""
+        x_in = x.requires_grad_(send_back == "grad" and not self.ctx.first)
+        logits = self.group(x_in)
+        losses = F.cross_entropy(logits, y, reduction="none")
+        self.opt.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        self.opt.step()
+        self.steps += 1
+        back = {"grad": x_in.grad, "loss": losses.detach(), None: None}[send_back]
+        metrics = classification_metrics(logits, y, losses, "")
+        metrics["n"] = torch.tensor(len(y))
+        return StepOut(None, None if self.ctx.first else back, metrics)
+
+    def epoch_end(self) -> None:
+        self.sched.step()
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(group output, sub-model logits from the auxiliary module or None)."""
+        h = self.group(x)
+        logits = self.aux_logits(h) if self.aux is not None and not self.ctx.last else None
+        return h, logits
+
+    def aux_logits(self, h: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def train(self, mode: bool = True) -> None:
+        self.group.train(mode)
+        if self.aux is not None:
+            self.aux.train(mode)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {
+            "group": self.group.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+        }
+        state["steps"] = self.steps
+        if self.aux is not None:
+            state["aux"] = self.aux.state_dict()
+            if getattr(self, "aux_opt", None) is not None:
+                state["aux_opt"] = self.aux_opt.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.group.load_state_dict(state["group"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.steps = state["steps"]
+        if self.aux is not None:
+            self.aux.load_state_dict(state["aux"])
+            if "aux_opt" in state:
+                self.aux_opt.load_state_dict(state["aux_opt"])
+
+    def modules(self) -> list[nn.Module]:
+        return [self.group] + ([self.aux] if self.aux is not None else [])
+
+
+class Method:
+    """A training method: how each group's stage is built, and whether stages wait for feedback."""
+
+    name: str = ""
+    description: str = ""
+    feedback: bool = False  # groups k < K consume a backward message from group k+1
+    submodels: bool = False  # stages k < K have classifiers of their own (sub-models)
+
+    def make_stage(self, group: nn.Module, ctx: StageContext) -> Stage:
+        raise NotImplementedError

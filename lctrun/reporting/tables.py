@@ -1,0 +1,53 @@
+"""Rich tables for the terminal, and the same tables as CSV/Markdown files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from rich.table import Table
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return "" if value is None else str(value)
+
+
+def rich_table(frame: pd.DataFrame, title: str | None = None, caption: str | None = None) -> Table:
+    table = Table(title=title, caption=caption)
+    for column in frame.columns:
+        table.add_column(str(column), justify="left" if frame[column].dtype == object else "right")
+    for _, row in frame.iterrows():
+        table.add_row(*[fmt(v) for v in row.tolist()])
+    return table
+
+
+def run_summary(rows: list[dict], run_dir: Path) -> Table:
+    final = rows[-1]
+    best = max((r.get("test_acc", float("nan")) for r in rows), default=float("nan"))
+    keys = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc"]
+    keys += sorted(k for k in final if k.startswith("g") and k.endswith("test_acc"))
+    keys += ["samples_per_s", "peak_mem_mb"]
+    data = {k: final[k] for k in keys if k in final}
+    data["best_test_acc"] = best
+    data["total_seconds"] = sum(r["seconds"] for r in rows)
+    frame = pd.DataFrame({"metric": list(data), "value": list(data.values())})
+    return rich_table(frame, title=f"result: {run_dir.name}")
+
+
+def write_table(frame: pd.DataFrame, base: Path, header: str = "") -> list[Path]:
+    """base.csv and base.md; the Markdown starts with `header` (what, scale, hardware, commit)."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = base.with_suffix(".csv"), base.with_suffix(".md")
+    frame.to_csv(csv_path, index=False)
+    md_path.write_text((header + "\n\n" if header else "") + to_markdown(frame) + "\n")
+    return [csv_path, md_path]
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    """A pipe table without the optional `tabulate` dependency."""
+    head = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
+    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule, *body])

@@ -1,0 +1,37 @@
+"""What every runtime gives the training loop: epochs of training and evaluation over stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class EvalOutput:
+    labels: torch.Tensor  # (N,)
+    logits: list[torch.Tensor | None]  # per group: sub-model logits (None if the method has none); last = main
+
+
+def add_metrics(total: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor], prefix: str = "") -> None:
+    for key, value in metrics.items():
+        key = prefix + key
+        total[key] = total[key] + value.detach().cpu() if key in total else value.detach().cpu()
+
+
+def stage_prefix(k: int, num_groups: int) -> str:
+    """Metrics of the last group are the model's own; the others are prefixed with their group."""
+    return "" if k == num_groups - 1 else f"g{k + 1}_"
+
+
+def averages(total: dict[str, torch.Tensor], samples: int) -> dict[str, float]:
+    """Turn summed losses and correct counts into means and accuracies (%)."""
+    out = {}
+    for key, value in total.items():
+        if key.endswith("loss"):
+            out[key] = float(value) / max(samples, 1)
+        elif key.endswith("correct"):
+            out[key[: -len("correct")] + "acc"] = 100.0 * float(value) / max(samples, 1)
+        elif key != "n":
+            out[key] = float(value)
+    return out

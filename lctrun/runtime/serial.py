@@ -1,0 +1,76 @@
+"""One process runs every stage in turn (groups may still sit on different devices)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lctrun.data import TensorLoader
+from lctrun.methods import Method, Stage
+from lctrun.runtime.base import EvalOutput, add_metrics, averages, stage_prefix
+
+
+def to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if x is None else x.to(device, non_blocking=True)
+
+
+class SerialRuntime:
+    is_main = True
+    rank = 0
+
+    def __init__(self, method: Method, stages: list[Stage]):
+        self.method, self.stages = method, stages
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, total: dict) -> None:
+        K = len(self.stages)
+        backward: list[torch.Tensor | None] = [None] * K
+        for k, stage in enumerate(self.stages):
+            out = stage.train_step(to(x, stage.device), to(y, stage.device), idx)
+            add_metrics(total, out.metrics, stage_prefix(k, K))
+            backward[k], x = out.backward, out.forward
+        if self.method.feedback:
+            for k in range(K - 2, -1, -1):
+                deferred = self.stages[k].feedback(to(backward[k + 1], self.stages[k].device))
+                if deferred is not None:
+                    backward[k] = deferred
+
+    def train_epoch(self, loader: TensorLoader, on_batch: Callable[[], None] | None = None) -> dict[str, float]:
+        for stage in self.stages:
+            stage.train(True)
+        total: dict[str, torch.Tensor] = {}
+        samples = 0
+        for batch in loader:
+            self.step(batch.x, batch.y, batch.idx, total)
+            samples += len(batch.y)
+            if on_batch:
+                on_batch()
+        return averages(total, samples)
+
+    @torch.no_grad()
+    def evaluate(self, loader: TensorLoader) -> EvalOutput:
+        for stage in self.stages:
+            stage.train(False)
+        labels, logits = [], [[] for _ in self.stages]
+        for batch in loader:
+            h = batch.x
+            for k, stage in enumerate(self.stages):
+                h, aux = stage.eval_forward(to(h, stage.device))
+                logits[k].append(h if k == len(self.stages) - 1 else aux)
+            labels.append(batch.y.cpu())
+        merged = [None if parts[0] is None else torch.cat([p.float().cpu() for p in parts]) for parts in logits]
+        return EvalOutput(torch.cat(labels), merged)
+
+    def epoch_end(self) -> None:
+        for stage in self.stages:
+            stage.epoch_end()
+
+    def state_dict(self) -> dict:
+        return {"stages": [s.state_dict() for s in self.stages]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for stage, s in zip(self.stages, state["stages"], strict=True):
+            stage.load_state_dict(s)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,212 @@
+"""One training run: build data, model, groups and method stages; train epoch by epoch; write outputs.
+
+The loop is the same for every runtime: the runtime decides where the stages run, and only the
+main process (rank 0) writes the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lctrun.config import Experiment
+from lctrun.data import DataBundle, TensorLoader, load_data
+from lctrun.errors import ConfigError, LctrunError
+from lctrun.evaluation import test_metrics
+from lctrun.methods import Method, build_stage, get_method, group_shapes
+from lctrun.models import build_model, split_groups
+from lctrun.models.chain import Group
+from lctrun.reporting import rundir
+from lctrun.runtime.memory import PeakMemory
+
+
+@dataclass
+class Prepared:
+    cfg: Experiment
+    data: DataBundle
+    groups: list[Group]
+    method: Method
+    shapes: list
+    devices: list[torch.device] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def group_devices(cfg: Experiment, num_groups: int) -> list[torch.device]:
+    names = cfg.devices
+    if len(names) == 1:
+        names = names * num_groups
+    elif len(names) < num_groups:
+        raise ConfigError(
+            f"{num_groups} groups but only {len(names)} devices ({', '.join(cfg.devices)}): give one device per "
+            f"group, or a single device for all"
+        )
+    devices = []
+    for name in names[:num_groups]:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"devices: '{name}' is not a device (use cpu, cuda, cuda:0, ...)") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"devices: '{name}' asked for, but CUDA is not available here (use devices=[cpu])")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ConfigError(f"devices: '{name}' does not exist ({torch.cuda.device_count()} CUDA devices)")
+        devices.append(device)
+    return devices
+
+
+def prepare(cfg: Experiment) -> Prepared:
+    """Everything a runtime needs, built the same way (same seed) in every process."""
+    method = get_method(cfg.method)
+    data = load_data(cfg.data, cfg.seed)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model.name, data.num_classes, data.in_shape)
+    sample = data.train_x[: min(32, len(data.train_x))].float() if cfg.model.balance == "time" else None
+    groups = split_groups(model, cfg.model.split, cfg.model.groups, cfg.model.balance, sample=sample)
+    return Prepared(cfg, data, groups, method, group_shapes(groups, data.in_shape), group_devices(cfg, len(groups)))
+
+
+def make_loaders(p: Prepared, device: torch.device, load_x: bool = True) -> tuple[TensorLoader, TensorLoader]:
+    d, cfg = p.data, p.cfg
+    train = TensorLoader(
+        d.train_x,
+        d.train_y,
+        cfg.data.batch_size,
+        shuffle=True,
+        mean=d.mean,
+        std=d.std,
+        augment=d.augment,
+        seed=cfg.seed,
+        device=device,
+        load_x=load_x,
+    )
+    test = TensorLoader(
+        d.test_x,
+        d.test_y,
+        cfg.data.test_batch_size,
+        shuffle=False,
+        mean=d.mean,
+        std=d.std,
+        device=device,
+        load_x=load_x,
+    )
+    return train, test
+
+
+def make_serial_runtime(p: Prepared):
+    from lctrun.runtime.serial import SerialRuntime
+
+    torch.set_num_threads(p.cfg.threads_per_worker or os.cpu_count() or 1)
+    stages = [
+        build_stage(p.method, p.groups, k, p.cfg, p.data.num_classes, p.shapes, p.devices[k])
+        for k in range(len(p.groups))
+    ]
+    return SerialRuntime(p.method, stages)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    rows: list[dict]
+
+    @property
+    def final(self) -> dict:
+        return self.rows[-1] if self.rows else {}
+
+
+def check_finite(metrics: dict[str, float], cfg: Experiment, epoch: int) -> None:
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not torch.isfinite(torch.tensor(v))]
+    if bad:
+        raise LctrunError(
+            f"training diverged: {', '.join(bad)} is NaN/Inf in epoch {epoch} of method {cfg.method} "
+            f"(try a smaller optim.lr); metrics up to the previous epoch are kept"
+        )
+
+
+def train(
+    cfg: Experiment,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    console: Console | None = None,
+    runtime=None,
+    prepared: Prepared | None = None,
+) -> RunResult:
+    console = console or Console()
+    p = prepared or prepare(cfg)
+    runtime = runtime or make_serial_runtime(p)
+    main = runtime.is_main
+    run_dir = Path(run_dir) if run_dir else rundir.default_run_dir(cfg)
+    ckpt_path, metrics_path = run_dir / "last.pt", run_dir / "metrics.csv"
+
+    start_epoch, rows = 0, []
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        runtime.load_state_dict(state["runtime"])
+        start_epoch = state["epoch"]
+        rows = [r for r in rundir.read_rows(metrics_path) if r["epoch"] <= start_epoch]
+        if main:
+            console.print(f"resuming {run_dir} after epoch {start_epoch}")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.write_config(run_dir, cfg)
+        rundir.write_json(run_dir / "env.json", rundir.environment(cfg, {"groups": [g.block_names for g in p.groups]}))
+
+    device = p.devices[runtime.rank] if runtime.rank < len(p.devices) else p.devices[0]
+    train_loader, test_loader = make_loaders(p, p.devices[0], load_x=getattr(runtime, "needs_inputs", True))
+    memory = PeakMemory(device)
+    steps_per_epoch = len(train_loader)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=not main,
+        transient=False,
+    ) as progress:
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
+            task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, info="")
+            train_loader.set_epoch(epoch)
+            train_loader.data_seconds = 0.0
+            memory.reset()
+            start = time.perf_counter()
+            metrics = runtime.train_epoch(train_loader, on_batch=lambda t=task: progress.advance(t))
+            seconds = time.perf_counter() - start
+            lr = runtime.lr if hasattr(runtime, "lr") else runtime.stages[-1].lr
+            runtime.epoch_end()
+            evaluate = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+            result = runtime.evaluate(test_loader) if evaluate else None
+            if not main:
+                continue
+            row = {
+                "epoch": epoch,
+                **{f"train_{k}" if not k.startswith("g") else k: v for k, v in metrics.items()},
+            }
+            if result is not None:
+                row.update(test_metrics(result))
+            row.update(
+                lr=lr,
+                seconds=round(seconds, 3),
+                samples_per_s=round(len(p.data.train_y) / seconds, 1),
+                data_seconds=round(train_loader.data_seconds, 3),
+                peak_mem_mb=round(memory.peak_bytes() / 2**20, 1),
+            )
+            check_finite(row, cfg, epoch)
+            rows.append(row)
+            rundir.write_rows(metrics_path, rows)
+            rundir.save_checkpoint(ckpt_path, {"epoch": epoch, "runtime": runtime.state_dict()})
+            info = f"loss {row['train_loss']:.3f}" + (f" test {row['test_acc']:.2f}%" if "test_acc" in row else "")
+            progress.update(task, info=info)
+    return RunResult(run_dir, rows)

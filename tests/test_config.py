@@ -1,0 +1,61 @@
+import pytest
+
+from lctrun.config import Experiment, load_experiment
+from lctrun.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_are_typed(tmp_path):
+    path = write(tmp_path, "method: bp\ndata:\n  name: mnist\noptim:\n  lr: 1\n")
+    cfg = load_experiment(path, ["optim.lr=0.05", "data.train_size=5000", "epochs=2", "seed=1", "model.split=conv2"])
+    assert cfg.name == "exp"
+    assert cfg.optim.lr == 0.05 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.train_size == 5000 and cfg.epochs == 2 and cfg.seed == 1
+    assert cfg.model.split == ["conv2"]
+    assert isinstance(load_experiment(path).optim.lr, float)  # an int where a float is expected is accepted
+
+
+def test_defaults_without_a_file():
+    assert load_experiment(None) == Experiment()
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("optim.lrr=0.1", ["unknown config key 'optim.lrr'", "optim.lr"]),
+        ("epoch=2", ["unknown config key 'epoch'", "epochs"]),
+        ("optm.lr=0.1", ["unknown config key 'optm'", "optim"]),
+        ("epochs=two", ["epochs", "expected int", "'two'"]),
+        ("optim.lr=fast", ["optim.lr", "expected float"]),
+        ("data.augment=maybe", ["data.augment", "expected bool"]),
+        ("model.split={a: 1}", ["model.split", "expected a list"]),
+        ("epochs=0", ["epochs must be >= 1"]),
+        ("optim.schedule=linear", ["optim.schedule", "multistep"]),
+        ("runtime=cluster", ["runtime", "distributed"]),
+        ("epochs", ["not KEY=VALUE"]),
+        ("epochs.x=1", ["'epochs' is not a section"]),
+    ],
+)
+def test_bad_overrides_name_the_problem(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_experiment(None, [override])
+    message = str(e.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="experiment file not found"):
+        load_experiment(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_experiment(write(tmp_path, "data: [\n"))
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_experiment(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="unknown config key 'data.nmae'"):
+        load_experiment(write(tmp_path, "data:\n  nmae: mnist\n"))
