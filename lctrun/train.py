@@ -24,7 +24,6 @@ from lctrun.methods import Method, build_stage, get_method, group_shapes
 from lctrun.models import build_model, split_groups
 from lctrun.models.chain import Group
 from lctrun.reporting import rundir
-from lctrun.runtime.memory import PeakMemory
 
 
 @dataclass
@@ -35,6 +34,7 @@ class Prepared:
     method: Method
     shapes: list
     devices: list[torch.device] = field(default_factory=list)
+    block_names: list[list[str]] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -66,7 +66,7 @@ def group_devices(cfg: Experiment, num_groups: int) -> list[torch.device]:
     return devices
 
 
-def prepare(cfg: Experiment) -> Prepared:
+def prepare(cfg: Experiment, check_devices: bool = True) -> Prepared:
     """Everything a runtime needs, built the same way (same seed) in every process."""
     method = get_method(cfg.method)
     data = load_data(cfg.data, cfg.seed)
@@ -74,7 +74,9 @@ def prepare(cfg: Experiment) -> Prepared:
     model = build_model(cfg.model.name, data.num_classes, data.in_shape)
     sample = data.train_x[: min(32, len(data.train_x))].float() if cfg.model.balance == "time" else None
     groups = split_groups(model, cfg.model.split, cfg.model.groups, cfg.model.balance, sample=sample)
-    return Prepared(cfg, data, groups, method, group_shapes(groups, data.in_shape), group_devices(cfg, len(groups)))
+    devices = group_devices(cfg, len(groups)) if check_devices else []
+    names = [g.block_names for g in groups]
+    return Prepared(cfg, data, groups, method, group_shapes(groups, data.in_shape), devices, names)
 
 
 def make_loaders(p: Prepared, device: torch.device, load_x: bool = True) -> tuple[TensorLoader, TensorLoader]:
@@ -119,6 +121,7 @@ def make_serial_runtime(p: Prepared):
 class RunResult:
     run_dir: Path
     rows: list[dict]
+    tables: dict[str, list[dict]] = field(default_factory=dict)  # sub-models, ensembles, progressive inference
 
     @property
     def final(self) -> dict:
@@ -146,8 +149,8 @@ def train(
     p = prepared or prepare(cfg)
     runtime = runtime or make_serial_runtime(p)
     main = runtime.is_main
-    run_dir = Path(run_dir) if run_dir else rundir.default_run_dir(cfg)
-    ckpt_path, metrics_path = run_dir / "last.pt", run_dir / "metrics.csv"
+    run_dir = Path(runtime.agree(str(run_dir or rundir.default_run_dir(cfg))))
+    ckpt_path, metrics_path = run_dir / runtime.checkpoint_name, run_dir / "metrics.csv"
 
     start_epoch, rows = 0, []
     if resume and ckpt_path.exists():
@@ -160,11 +163,11 @@ def train(
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.write_config(run_dir, cfg)
-        rundir.write_json(run_dir / "env.json", rundir.environment(cfg, {"groups": [g.block_names for g in p.groups]}))
+        rundir.write_json(run_dir / "env.json", rundir.environment(cfg, {"groups": p.block_names}))
+    runtime.barrier()
 
-    device = p.devices[runtime.rank] if runtime.rank < len(p.devices) else p.devices[0]
-    train_loader, test_loader = make_loaders(p, p.devices[0], load_x=getattr(runtime, "needs_inputs", True))
-    memory = PeakMemory(device)
+    train_loader, test_loader = make_loaders(p, p.devices[0] if p.devices else "cpu", load_x=runtime.needs_inputs)
+    worker_rows = [r for r in rundir.read_rows(run_dir / "workers.csv") if r["epoch"] <= start_epoch]
     steps_per_epoch = len(train_loader)
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -180,14 +183,14 @@ def train(
             task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, info="")
             train_loader.set_epoch(epoch)
             train_loader.data_seconds = 0.0
-            memory.reset()
             start = time.perf_counter()
             metrics = runtime.train_epoch(train_loader, on_batch=lambda t=task: progress.advance(t))
             seconds = time.perf_counter() - start
-            lr = runtime.lr if hasattr(runtime, "lr") else runtime.stages[-1].lr
+            lr = runtime.lr
             runtime.epoch_end()
             evaluate = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
             result = runtime.evaluate(test_loader) if evaluate else None
+            rundir.save_checkpoint(ckpt_path, {"epoch": epoch, "runtime": runtime.state_dict()})
             if not main:
                 continue
             row = {
@@ -201,12 +204,18 @@ def train(
                 seconds=round(seconds, 3),
                 samples_per_s=round(len(p.data.train_y) / seconds, 1),
                 data_seconds=round(train_loader.data_seconds, 3),
-                peak_mem_mb=round(memory.peak_bytes() / 2**20, 1),
+                peak_mem_mb=max(s["peak_mem_mb"] for s in runtime.worker_stats),
             )
             check_finite(row, cfg, epoch)
             rows.append(row)
             rundir.write_rows(metrics_path, rows)
-            rundir.save_checkpoint(ckpt_path, {"epoch": epoch, "runtime": runtime.state_dict()})
+            worker_rows += [{"epoch": epoch, **s} for s in runtime.worker_stats]
+            rundir.write_rows(run_dir / "workers.csv", worker_rows)
             info = f"loss {row['train_loss']:.3f}" + (f" test {row['test_acc']:.2f}%" if "test_acc" in row else "")
             progress.update(task, info=info)
-    return RunResult(run_dir, rows)
+    tables = {}
+    if cfg.submodels and (p.method.submodels or (p.method.name == "bp" and len(p.groups) > 1)):
+        from lctrun.structural import structural_report
+
+        tables = structural_report(p, runtime, test_loader, run_dir, cfg.exit_thresholds)
+    return RunResult(run_dir, rows, tables)

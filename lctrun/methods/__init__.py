@@ -76,4 +76,8 @@ def build_stage(
     device: torch.device,
 ) -> Stage:
     ctx = StageContext(cfg, k, len(groups), num_classes, shapes[k][0], shapes[k][1], device)
-    return method.make_stage(groups[k], ctx)
+    # Each stage initialises its auxiliary modules from its own stream, so that a worker that builds
+    # only stage k gets the same critic as a process that builds every stage in turn.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed * 1009 + k + 1)
+        return method.make_stage(groups[k], ctx)

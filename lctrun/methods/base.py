@@ -31,7 +31,7 @@ from lctrun.methods.optim import make_optimizer, make_scheduler
 class StepOut:
     forward: torch.Tensor | None = None
     backward: torch.Tensor | None = None
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # sums over the batch, plus "n"
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # sums over the batch
 
 
 @dataclass
@@ -53,11 +53,21 @@ class StageContext:
         return self.index == self.num_groups - 1
 
 
-def classification_metrics(logits: torch.Tensor, y: torch.Tensor, per_sample_loss: torch.Tensor, prefix: str):
-    return {
-        f"{prefix}loss": per_sample_loss.detach().sum(),
-        f"{prefix}correct": (logits.detach().argmax(1) == y).sum(),
-    }
+def per_sample_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per sample, shape (B,). Sequence outputs (B, T, C) with targets (B, T): mean over T."""
+    if logits.dim() == 3:
+        return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Correct predictions summed over the batch (sequences: the fraction of correct tokens per sample)."""
+    hits = (logits.detach().argmax(-1) == y).float()
+    return hits.mean(1).sum() if hits.dim() == 2 else hits.sum()
+
+
+def classification_metrics(logits: torch.Tensor, y: torch.Tensor, losses: torch.Tensor, prefix: str = ""):
+    return {f"{prefix}loss": losses.detach().sum(), f"{prefix}correct": correct(logits, y)}
 
 
 class Stage:
@@ -85,14 +95,13 @@ class Stage:
         """The last group: ordinary backprop on the true loss. `send_back`: grad | loss | None."""
         x_in = x.requires_grad_(send_back == "grad" and not self.ctx.first)
         logits = self.group(x_in)
-        losses = F.cross_entropy(logits, y, reduction="none")
+        losses = per_sample_loss(logits, y)
         self.opt.zero_grad(set_to_none=True)
         losses.mean().backward()
         self.opt.step()
         self.steps += 1
         back = {"grad": x_in.grad, "loss": losses.detach(), None: None}[send_back]
-        metrics = classification_metrics(logits, y, losses, "")
-        metrics["n"] = torch.tensor(len(y))
+        metrics = classification_metrics(logits, y, losses)
         return StepOut(None, None if self.ctx.first else back, metrics)
 
     def epoch_end(self) -> None:
@@ -152,6 +161,8 @@ class Method:
     name: str = ""
     description: str = ""
     feedback: bool = False  # groups k < K consume a backward message from group k+1
+    message: str | None = None  # what that message is: "grad" (dL/dh_k) or "loss" (per-sample, B floats)
+    pipelines: bool = True  # may run ahead across mini-batches (bp may not: it would use stale weights)
     submodels: bool = False  # stages k < K have classifiers of their own (sub-models)
 
     def make_stage(self, group: nn.Module, ctx: StageContext) -> Stage:

@@ -34,6 +34,8 @@ class Backprop(Method):
     name = "bp"
     description = "backprop: end to end on one worker, or model-parallel over K groups (gradients flow back)"
     feedback = True
+    message = "grad"
+    pipelines = False
 
     def make_stage(self, group: nn.Module, ctx: StageContext) -> Stage:
         return BPStage(group, ctx)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
 
 from lctrun.data import TensorLoader
 from lctrun.methods import Method, Stage
+from lctrun.runtime.accounting import SavedTensors, state_account
 from lctrun.runtime.base import EvalOutput, add_metrics, averages, stage_prefix
+from lctrun.runtime.memory import PeakMemory
 
 
 def to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -17,10 +20,15 @@ def to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
 
 class SerialRuntime:
     is_main = True
+    needs_inputs = True
     rank = 0
+    checkpoint_name = "last.pt"
 
     def __init__(self, method: Method, stages: list[Stage]):
         self.method, self.stages = method, stages
+        self.memory = PeakMemory(stages[0].device)
+        self.account: list[dict[str, float]] = []
+        self.worker_stats: list[dict] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, total: dict) -> None:
         K = len(self.stages)
@@ -39,12 +47,35 @@ class SerialRuntime:
         for stage in self.stages:
             stage.train(True)
         total: dict[str, torch.Tensor] = {}
-        samples = 0
+        samples, start = 0, time.perf_counter()
         for batch in loader:
-            self.step(batch.x, batch.y, batch.idx, total)
+            if not self.account:
+                with SavedTensors() as saved:
+                    self.step(batch.x, batch.y, batch.idx, total)
+                self.account = [{"activations_mb": round(saved.bytes / 2**20, 3)}]
+            else:
+                self.step(batch.x, batch.y, batch.idx, total)
             samples += len(batch.y)
             if on_batch:
                 on_batch()
+        seconds = round(time.perf_counter() - start, 3)
+        devices = ",".join(sorted({str(s.device) for s in self.stages}))
+        state = [state_account(s) for s in self.stages]
+        self.worker_stats = [
+            {
+                "worker": 0,
+                "group": "all",
+                "device": devices,
+                "bytes_sent": 0,
+                "bytes_received": 0,
+                "wait_s": 0.0,
+                "seconds": seconds,
+                "compute_s": seconds,
+                "peak_mem_mb": round(self.memory.peak_bytes() / 2**20, 1),
+                **{key: round(sum(s[key] for s in state), 3) for key in state[0]},
+                **self.account[0],
+            }
+        ]
         return averages(total, samples)
 
     @torch.no_grad()
@@ -60,6 +91,16 @@ class SerialRuntime:
             labels.append(batch.y.cpu())
         merged = [None if parts[0] is None else torch.cat([p.float().cpu() for p in parts]) for parts in logits]
         return EvalOutput(torch.cat(labels), merged)
+
+    @property
+    def lr(self) -> float:
+        return self.stages[-1].lr
+
+    def barrier(self) -> None:
+        pass
+
+    def agree(self, value):
+        return value
 
     def epoch_end(self) -> None:
         for stage in self.stages:

@@ -1,0 +1,126 @@
+"""Local critic training (LCT) and its label-trained cousin DGL (METHODS.md sections 2 and 3).
+
+Group k < K is trained with the gradient of its own critic's loss, mean(l_k), l_k = CE(c_k(h_k), y);
+its input arrives detached, so no gradient ever crosses a group boundary. The last group trains on
+the true loss. Critic c_k is trained, with its own optimiser, to match the next loss:
+L_ck = mean |l_k - l_{k+1}.detach()| (L1; MSE optional). Per step: the group steps with the
+pre-update critic (at train_step), the critic steps when l_{k+1} arrives (at feedback).
+Weight decay is the optimiser's own, on every group alike (the official code scaled it, a defect).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lctrun.methods import register
+from lctrun.methods.base import Method, Stage, StageContext, StepOut, classification_metrics, per_sample_loss
+from lctrun.methods.critics import critic_depth, make_aux_optimizer, make_classifier
+from lctrun.methods.optim import make_optimizer, make_scheduler
+
+
+def attach_classifier(stage: Stage, ctx: StageContext) -> nn.Module:
+    cfg = ctx.cfg.critic
+    depth = critic_depth(cfg, ctx.index, ctx.num_groups - 1)
+    per_step = getattr(stage.group[-1], "per_step", False)  # language models: a target at every step
+    return make_classifier(ctx.out_shape, ctx.num_classes, depth, cfg.channels, per_step).to(ctx.device)
+
+
+class CriticStage(Stage):
+    def __init__(self, group: nn.Module, ctx: StageContext):
+        super().__init__(group, ctx)
+        if not ctx.last:
+            self.aux = attach_classifier(self, ctx)
+            self.aux_opt = make_aux_optimizer(self.aux.parameters(), ctx.cfg.critic)
+        self.critic_steps = 0
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOut:
+        if self.ctx.last:
+            return self.last_step(x, y, send_back="loss")
+        h = self.group(x)
+        # The critic runs on a detached copy: its graph is kept (small) until l_{k+1} arrives, while
+        # the group's graph is freed right after the group's own update.
+        h_critic = h.detach().requires_grad_()
+        logits = self.aux(h_critic)
+        losses = per_sample_loss(logits, y)
+        (grad_h,) = torch.autograd.grad(losses.mean(), h_critic, retain_graph=True)
+        self.opt.zero_grad(set_to_none=True)
+        h.backward(grad_h)
+        self.opt.step()
+        self.steps += 1
+        self.pending.append(losses)
+        back = None if self.ctx.first else losses.detach()
+        return StepOut(h_critic.detach(), back, classification_metrics(logits, y, losses))
+
+    def feedback(self, next_losses: torch.Tensor) -> None:
+        losses = self.pending.popleft()
+        self.critic_steps += 1
+        if self.critic_steps % self.ctx.cfg.critic.update_every:
+            return None
+        diff = losses - next_losses.detach()
+        critic_loss = diff.abs().mean() if self.ctx.cfg.critic.loss == "l1" else diff.pow(2).mean()
+        self.aux_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.aux_opt.step()
+        return None
+
+    def aux_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.aux(h)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "critic_steps": self.critic_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.critic_steps = state["critic_steps"]
+
+
+class HeadStage(Stage):
+    """DGL: the auxiliary head is trained on the labels together with its group, by the main optimiser."""
+
+    def __init__(self, group: nn.Module, ctx: StageContext):
+        super().__init__(group, ctx)
+        if not ctx.last:
+            self.aux = attach_classifier(self, ctx)
+            self.opt = make_optimizer([*self.group.parameters(), *self.aux.parameters()], ctx.cfg.optim)
+            self.sched = make_scheduler(self.opt, ctx.cfg.optim, ctx.cfg.epochs)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOut:
+        if self.ctx.last:
+            return self.last_step(x, y, send_back=None)
+        h = self.group(x)
+        logits = self.aux(h)
+        losses = per_sample_loss(logits, y)
+        self.opt.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        self.opt.step()
+        self.steps += 1
+        return StepOut(h.detach(), None, classification_metrics(logits, y, losses))
+
+    def aux_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.aux(h)
+
+
+class LocalCritic(Method):
+    name = "lct"
+    description = "local critic training: group k learns from critic k, critic k learns to match loss k+1 (cascade)"
+    feedback = True
+    message = "loss"
+    submodels = True
+
+    def make_stage(self, group: nn.Module, ctx: StageContext) -> Stage:
+        return CriticStage(group, ctx)
+
+
+class DecoupledGreedy(Method):
+    name = "dgl"
+    description = "decoupled greedy learning: each group trains with its own auxiliary head on the labels"
+    feedback = False
+    submodels = True
+
+    def make_stage(self, group: nn.Module, ctx: StageContext) -> Stage:
+        return HeadStage(group, ctx)
+
+
+register(LocalCritic())
+register(DecoupledGreedy())

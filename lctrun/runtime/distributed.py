@@ -1,0 +1,315 @@
+"""One process per layer group over torch.distributed: gloo on CPU, NCCL on distinct CUDA devices.
+
+`lctrun train ... runtime=distributed` spawns the K local workers itself; under
+`torchrun --nproc_per_node ... -m lctrun train ...` each process reads RANK/WORLD_SIZE/LOCAL_RANK.
+Worker k holds stage k only. Per batch it receives its input from worker k-1, steps, sends its
+output to worker k+1 and its backward message to worker k-1. With pipeline_depth D it runs ahead up
+to D batches before it must take group k+1's feedback for the oldest one (D=1: synchronous, the same
+updates as the serial runtime). Methods that defer their backward message (bp) always run with D=1.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from collections import deque
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+
+from lctrun.config import Experiment
+from lctrun.data import TensorLoader
+from lctrun.errors import ConfigError, LctrunError
+from lctrun.methods import Method, Stage
+from lctrun.runtime.accounting import SavedTensors, state_account
+from lctrun.runtime.base import EvalOutput, add_metrics, averages, stage_prefix
+from lctrun.runtime.memory import PeakMemory
+from lctrun.runtime.transport import BACKWARD, EVAL, FORWARD, Channel
+
+
+class DistributedRuntime:
+    def __init__(self, method: Method, stage: Stage, shapes: list, pipeline_depth: int):
+        self.method, self.stage = method, stage
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.needs_inputs = self.rank == 0  # the other workers receive their inputs
+        self.first, self.last = self.rank == 0, self.rank == self.world - 1
+        self.in_shape, self.out_shape = shapes[self.rank]
+        self.depth = pipeline_depth if method.pipelines else 1
+        self.channel = Channel(stage.device)
+        self.memory = PeakMemory(stage.device)
+        self.account: dict[str, float] = {}
+        self.worker_stats: list[dict] = []
+        self.checkpoint_name = f"last.rank{self.rank}.pt"
+        self.fault = InjectedFault.from_env(self.rank)
+
+    # -- training -------------------------------------------------------------------------------
+    def _input(self, batch, tag: int) -> torch.Tensor:
+        if self.first:
+            return batch.x
+        return self.channel.recv((len(batch.y), *self.in_shape), self.rank - 1, tag)
+
+    def _take_feedback(self, batch_size: int) -> None:
+        shape = (batch_size,) if self.method.message == "loss" else (batch_size, *self.out_shape)
+        deferred = self.stage.feedback(self.channel.recv(shape, self.rank + 1, BACKWARD))
+        if deferred is not None and not self.first:
+            self.channel.send(deferred, self.rank - 1, BACKWARD)
+
+    def train_epoch(self, loader: TensorLoader, on_batch=None) -> dict[str, float]:
+        self.stage.train(True)
+        total: dict[str, torch.Tensor] = {}
+        waiting: deque[int] = deque()  # batch sizes still owed feedback, oldest first
+        samples, start = 0, time.perf_counter()
+        for step, batch in enumerate(loader, 1):
+            self.fault.check(step)
+            x = self._input(batch, FORWARD)
+            y = batch.y.to(self.stage.device, non_blocking=True)
+            if not self.account:
+                with SavedTensors() as saved:
+                    out = self.stage.train_step(x, y, batch.idx)
+                self.account = {"activations_mb": round(saved.bytes / 2**20, 3)}
+            else:
+                out = self.stage.train_step(x, y, batch.idx)
+            add_metrics(total, out.metrics)
+            if not self.last:
+                self.channel.send(out.forward, self.rank + 1, FORWARD)
+            if out.backward is not None and not self.first:
+                self.channel.send(out.backward, self.rank - 1, BACKWARD)
+            if self.method.feedback and not self.last:
+                waiting.append(len(batch.y))
+                while len(waiting) >= self.depth:
+                    self._take_feedback(waiting.popleft())
+            samples += len(batch.y)
+            if on_batch:
+                on_batch()
+        while waiting:
+            self._take_feedback(waiting.popleft())
+        self.channel.flush()
+        seconds = time.perf_counter() - start
+        stats = {
+            "worker": self.rank,
+            "group": self.rank + 1,
+            "device": str(self.stage.device),
+            **self.channel.take_counters(),
+            "seconds": round(seconds, 3),
+            "peak_mem_mb": round(self.memory.peak_bytes() / 2**20, 1),
+            **state_account(self.stage),
+            **self.account,
+        }
+        stats["compute_s"] = round(seconds - stats["wait_s"], 3)
+        gathered = [None] * self.world if self.is_main else None
+        dist.gather_object((total, stats), gathered, dst=0)
+        if not self.is_main:
+            return {}
+        merged: dict[str, torch.Tensor] = {}
+        for k, (part, _) in enumerate(gathered):
+            add_metrics(merged, part, stage_prefix(k, self.world))
+        self.worker_stats = [s for _, s in gathered]
+        return averages(merged, samples)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loader: TensorLoader) -> EvalOutput | None:
+        self.stage.train(False)
+        logits, labels = [], []
+        for batch in loader:
+            h, aux = self.stage.eval_forward(self._input(batch, EVAL))
+            if not self.last:
+                self.channel.send(h, self.rank + 1, EVAL)
+            mine = h if self.last else aux
+            if mine is not None:
+                logits.append(mine.float().cpu())
+            labels.append(batch.y.cpu())
+        self.channel.flush()
+        self.channel.take_counters()  # evaluation traffic is not training traffic
+        mine = torch.cat(logits) if logits else None
+        gathered = [None] * self.world if self.is_main else None
+        dist.gather_object(mine, gathered, dst=0)
+        return EvalOutput(torch.cat(labels), gathered) if self.is_main else None
+
+    # -- the rest of the runtime interface ------------------------------------------------------
+    @property
+    def lr(self) -> float:
+        return self.stage.lr
+
+    def epoch_end(self) -> None:
+        self.stage.epoch_end()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def state_dict(self) -> dict:
+        return {"stages": [self.stage.state_dict()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage.load_state_dict(state["stages"][0])
+
+    def agree(self, value):
+        """Every worker gets rank 0's value (run directory, resume epoch)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+class InjectedFault:
+    """For fault tests: LCTRUN_INJECT_FAULT=RANK:STEP[:raise|kill] fails that worker at that step."""
+
+    def __init__(self, step: int | None = None, kind: str = "raise"):
+        self.step, self.kind = step, kind
+
+    @classmethod
+    def from_env(cls, rank: int) -> InjectedFault:
+        spec = os.environ.get("LCTRUN_INJECT_FAULT", "")
+        parts = spec.split(":")
+        if len(parts) >= 2 and parts[0] == str(rank):
+            return cls(int(parts[1]), parts[2] if len(parts) > 2 else "raise")
+        return cls()
+
+    def check(self, step: int) -> None:
+        if step != self.step:
+            return
+        if self.kind == "kill":
+            os.kill(os.getpid(), 9)
+        raise RuntimeError(f"injected fault at step {step}")
+
+
+def num_groups(cfg: Experiment) -> int:
+    return len(cfg.model.split) + 1 if cfg.model.split else cfg.model.groups
+
+
+def worker_device(cfg: Experiment, rank: int, local_rank: int) -> torch.device:
+    if len(cfg.devices) > 1:
+        return torch.device(cfg.devices[rank])
+    device = torch.device(cfg.devices[0])
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return device
+
+
+def run_worker(
+    cfg: Experiment,
+    rank: int,
+    world: int,
+    local_rank: int,
+    run_dir: Path | None,
+    resume: bool,
+    console: Console | None,
+    init_method: str,
+):
+    from lctrun.methods import build_stage
+    from lctrun.train import group_devices, prepare, train
+
+    device = worker_device(cfg, rank, local_rank)
+    devices = [worker_device(cfg, r, r) for r in range(world)] if len(cfg.devices) == 1 else None
+    # NCCL needs one rank per GPU; ranks sharing a GPU (or on CPU) talk over gloo.
+    distinct_gpus = device.type == "cuda" and devices is not None and len(set(devices)) == world
+    backend = "nccl" if device.type == "cuda" and (distinct_gpus or len(set(cfg.devices)) == world) else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
+    try:
+        torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // world))
+        p = prepare(cfg, check_devices=False)
+        if len(p.groups) != world:
+            raise ConfigError(
+                f"runtime=distributed runs one worker per group: {world} workers but the cut gives "
+                f"{len(p.groups)} groups (set workers={len(p.groups)} or change model.split/model.groups)"
+            )
+        group_devices(cfg, world)
+        stage = build_stage(p.method, p.groups, rank, cfg, p.data.num_classes, p.shapes, device)
+        runtime = DistributedRuntime(p.method, stage, p.shapes, cfg.pipeline_depth)
+        quiet = Console(quiet=True)
+        return train(cfg, run_dir, resume, console if rank == 0 else quiet, runtime=runtime, prepared=p)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawned_worker(cfg, rank, world, port, run_dir, resume, errors):
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher stops workers; Ctrl-C goes to it
+    try:
+        run_worker(cfg, rank, world, rank, run_dir, resume, Console(), f"tcp://127.0.0.1:{port}")
+    except LctrunError as e:
+        errors.put((rank, str(e), ""))
+        raise SystemExit(3) from None
+    except BaseException as e:  # report any failure to the launcher, which stops the other workers
+        errors.put((rank, f"{type(e).__name__}: {e}", traceback.format_exc()))
+        raise SystemExit(1) from None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cfg: Experiment, run_dir: Path | None = None, resume: bool = False, console: Console | None = None):
+    """Run the distributed runtime: in this process under torchrun, else spawn one worker per group."""
+    from lctrun.reporting.rundir import default_run_dir, read_rows
+    from lctrun.train import RunResult
+
+    console = console or Console()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        return run_worker(cfg, rank, world, int(os.environ.get("LOCAL_RANK", rank)), run_dir, resume, console, "env://")
+    world = cfg.workers or num_groups(cfg)
+    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+    ctx = torch.multiprocessing.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    port = free_port()
+    workers = [
+        ctx.Process(target=_spawned_worker, args=(cfg, r, world, port, run_dir, resume, errors), daemon=True)
+        for r in range(world)
+    ]
+    for w in workers:
+        w.start()
+    try:
+        failed = watch(workers)
+    except KeyboardInterrupt:
+        stop(workers)
+        raise LctrunError(f"interrupted: all {world} workers stopped; metrics so far are in {run_dir}") from None
+    if failed is not None:
+        stop(workers)
+        rank, message, trace = errors.get() if not errors.empty() else (failed, "", "")
+        if not message:
+            code = workers[failed].exitcode
+            message = f"died ({'signal ' + str(-code) if code and code < 0 else 'exit code ' + str(code)})"
+        if trace and os.environ.get("LCTRUN_DEBUG"):
+            console.print(trace, markup=False)
+        raise LctrunError(
+            f"worker {rank} (group {rank + 1}) failed: {message}; all workers stopped; outputs so far: {run_dir}"
+        )
+    tables = {n: read_rows(run_dir / f"{n}.csv") for n in ("submodels", "ensembles", "progressive")}
+    return RunResult(run_dir, read_rows(run_dir / "metrics.csv"), {n: t for n, t in tables.items() if t})
+
+
+def watch(workers) -> int | None:
+    """Wait for the workers; the rank of the first that failed, or None when all succeeded."""
+    while True:
+        codes = [w.exitcode for w in workers]
+        for rank, code in enumerate(codes):
+            if code not in (None, 0):
+                return rank
+        if all(code == 0 for code in codes):
+            return None
+        time.sleep(0.05)
+
+
+def stop(workers, grace: float = 3.0) -> None:
+    for w in workers:
+        if w.is_alive():
+            w.terminate()
+    deadline = time.time() + grace
+    for w in workers:
+        w.join(max(0.0, deadline - time.time()))
+        if w.is_alive():
+            w.kill()
+            w.join()

@@ -1,0 +1,120 @@
+"""The distributed runtime (gloo over loopback): same updates as the serial one, learning, faults, counters."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lctrun.config import load_experiment
+from lctrun.errors import LctrunError
+from lctrun.launch import run_training
+from lctrun.reporting.rundir import read_rows
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.name=fake",
+    "data.shape=[1,28,28]",
+    "data.train_size=96",
+    "data.test_size=64",
+    "data.batch_size=32",
+    "model.name=cnn-small",
+    "epochs=1",
+    "optim.lr=0.05",
+    "critic.lr=0.001",
+    "critic.channels=16",
+]
+
+
+def group_params(run_dir: Path, files: list[str]) -> list[torch.Tensor]:
+    out = []
+    for name in files:
+        for stage in torch.load(run_dir / name, weights_only=False)["runtime"]["stages"]:
+            out += [v.float() for v in stage["group"].values()] + [v.float() for v in stage.get("aux", {}).values()]
+    return out
+
+
+@pytest.mark.parametrize("method", ["bp", "lct", "dgl"])
+@pytest.mark.parametrize("split", [["conv2"], ["conv1", "fc1"]])
+def test_distributed_equals_serial(tmp_path, method, split):
+    overrides = TINY + [f"method={method}", f"model.split=[{','.join(split)}]", "pipeline_depth=1"]
+    serial = run_training(load_experiment(None, overrides), run_dir=tmp_path / "serial")
+    dist = run_training(load_experiment(None, overrides + ["runtime=distributed"]), run_dir=tmp_path / "dist")
+    a = group_params(serial.run_dir, ["last.pt"])
+    b = group_params(dist.run_dir, [f"last.rank{r}.pt" for r in range(len(split) + 1)])
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)
+    assert serial.final["test_acc"] == pytest.approx(dist.final["test_acc"], abs=0.01)  # eval through the workers
+
+
+def test_counters_match_the_tensors_sent(tmp_path):
+    cfg = load_experiment(None, TINY + ["method=lct", "model.split=[conv2]", "runtime=distributed"])
+    result = run_training(cfg, run_dir=tmp_path)
+    workers = read_rows(result.run_dir / "workers.csv")
+    first, second = workers[0], workers[1]
+    activation = 64 * 7 * 7 * 4  # conv2 output per sample, fp32
+    assert first["bytes_sent"] == 96 * activation == second["bytes_received"]
+    assert second["bytes_sent"] == 96 * 4 == first["bytes_received"]  # lct sends one loss per sample back
+    for w in workers:
+        assert w["peak_mem_mb"] > 0 and w["params_mb"] > 0 and w["activations_mb"] > 0 and w["compute_s"] > 0
+
+
+def test_pipelined_lct_learns_mnist(tmp_path, data_root):
+    cfg = load_experiment(
+        "experiments/mnist-cnn.yaml",
+        [
+            f"data.root={data_root}",
+            "epochs=1",
+            "data.train_size=4000",
+            "data.test_size=1000",
+            "method=lct",
+            "model.split=[conv1]",
+            "runtime=distributed",
+            "pipeline_depth=4",
+        ],
+    )
+    result = run_training(cfg, run_dir=tmp_path)
+    assert result.final["test_acc"] >= 60.0, result.final
+
+
+def test_a_failing_worker_stops_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("LCTRUN_INJECT_FAULT", "1:3")
+    cfg = load_experiment(None, TINY + ["method=lct", "model.split=[conv1,fc1]", "runtime=distributed"])
+    start = time.time()
+    with pytest.raises(LctrunError, match=r"worker 1 \(group 2\) failed: RuntimeError: injected fault at step 3"):
+        run_training(cfg, run_dir=tmp_path)
+    assert time.time() - start < 60
+
+
+def test_a_killed_worker_stops_the_run_from_the_cli(tmp_path):
+    start = time.time()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lctrun",
+            "train",
+            "experiments/mnist-cnn.yaml",
+            *TINY,
+            "method=lct",
+            "model.split=[conv2]",
+            "runtime=distributed",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "LCTRUN_INJECT_FAULT": "0:2:kill"},
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "worker 0 (group 1) failed: died (signal 9)" in out.stderr
+    assert time.time() - start < 90
+    orphans = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert orphans == []

@@ -1,0 +1,127 @@
+"""Local critic training and its relatives: the identities that define them, and learning on MNIST."""
+
+
+import pytest
+import torch
+
+from lctrun.config import load_experiment
+from lctrun.train import make_serial_runtime, prepare, train
+
+TINY = [
+    "data.name=fake",
+    "data.shape=[1,28,28]",
+    "data.train_size=64",
+    "data.test_size=32",
+    "data.batch_size=16",
+    "model.name=cnn-small",
+    "optim.lr=0.05",
+    "critic.lr=0.01",
+    "critic.channels=8",
+]
+
+
+def runtime_for(overrides):
+    p = prepare(load_experiment(None, TINY + overrides))
+    return p, make_serial_runtime(p)
+
+
+def steps(runtime, p, n=2):
+    for i in range(n):
+        sl = slice(i * 16, (i + 1) * 16)
+        runtime.step(p.data.train_x[sl], p.data.train_y[sl], torch.arange(16), {})
+
+
+def flat(module):
+    return torch.cat([q.detach().flatten() for q in module.parameters()])
+
+
+@pytest.mark.parametrize("method", ["lct", "dgl"])
+@pytest.mark.parametrize("k", [0, 1])
+def test_no_gradient_crosses_a_group_boundary(method, k):
+    """Group k's update is the same whatever the parameters of the groups after it."""
+    p1, r1 = runtime_for([f"method={method}", "model.split=[conv1,conv3]"])
+    p2, r2 = runtime_for([f"method={method}", "model.split=[conv1,conv3]"])
+    assert torch.equal(flat(r1.stages[k].group), flat(r2.stages[k].group))
+    with torch.no_grad():  # make the two models differ only after group k
+        for stage in r2.stages[k + 1 :]:
+            for q in stage.group.parameters():
+                q.mul_(-3.0).add_(0.1)
+    # One step: later steps of lct legitimately depend on later groups through critic k, which learns
+    # from l_{k+1} (a loss value, not a gradient).
+    steps(r1, p1, 1)
+    steps(r2, p2, 1)
+    before = flat(prepare(load_experiment(None, TINY + [f"method={method}", "model.split=[conv1,conv3]"])).groups[k])
+    assert not torch.equal(before, flat(r1.stages[k].group))  # it did learn
+    assert torch.equal(flat(r1.stages[k].group), flat(r2.stages[k].group))
+    assert not torch.equal(flat(r1.stages[-1].group), flat(r2.stages[-1].group))
+
+
+def test_critic_target_is_detached():
+    """Critic k's cascade loss reaches critic k only: the next group gets no gradient from it."""
+    p, runtime = runtime_for(["method=lct", "model.split=[conv2]"])
+    first, second = runtime.stages
+    x, y = p.data.train_x[:16], p.data.train_y[:16]
+    out = first.train_step(x, y, torch.arange(16))
+    last_out = second.train_step(out.forward, y, torch.arange(16))
+    for q in [*first.group.parameters(), *second.group.parameters()]:
+        q.grad = None  # left over from the groups' own steps
+    critic_before = flat(first.aux)
+    first.feedback(last_out.backward)
+    assert all(q.grad is None for q in second.group.parameters())
+    assert all(q.grad is None for q in first.group.parameters())  # the critic step leaves its group alone
+    assert all(q.grad is not None for q in first.aux.parameters())
+    assert not torch.equal(critic_before, flat(first.aux))
+    assert last_out.backward.shape == (16,) and not last_out.backward.requires_grad
+
+
+@pytest.mark.parametrize("method", ["lct", "dgl", "dni"])
+def test_one_group_equals_backprop(method):
+    """With K=1 there is nothing local: every method is backprop, step for step."""
+    pb, bp = runtime_for(["method=bp"])
+    pm, other = runtime_for([f"method={method}"])
+    for i in range(3):
+        steps(bp, pb, 1)
+        steps(other, pm, 1)
+        assert torch.equal(flat(bp.stages[0].group), flat(other.stages[0].group)), f"step {i}"
+
+
+def test_critic_update_every_n_steps():
+    p, runtime = runtime_for(["method=lct", "model.split=[conv2]", "critic.update_every=2"])
+    critic = runtime.stages[0].aux
+    start = flat(critic)
+    steps(runtime, p, 1)
+    assert torch.equal(start, flat(critic))  # step 1: no critic update
+    steps(runtime, p, 1)
+    assert not torch.equal(start, flat(critic))
+
+
+def test_critic_depths_follow_the_config():
+    _, runtime = runtime_for(["method=lct", "model.split=[conv1,conv2,conv3]", "critic.convs=[3,2,1]"])
+    convs = [sum(isinstance(m, torch.nn.Conv2d) for m in s.aux.modules()) for s in runtime.stages[:-1]]
+    assert convs == [3, 2, 1]
+    from lctrun.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="has 2 entries but the cut gives 3 critics"):
+        runtime_for(["method=lct", "model.split=[conv1,conv2,conv3]", "critic.convs=[3,2]"])
+
+
+def test_dni_synthesizer_learns_the_true_gradient():
+    p, runtime = runtime_for(["method=dni", "model.split=[conv2]", "critic.lr=0.001"])
+    synth = runtime.stages[0].aux
+    start = flat(synth)
+    assert start.abs().sum() > 0  # only the output layer starts at zero
+    steps(runtime, p, 2)
+    assert not torch.equal(start, flat(synth))
+
+
+@pytest.mark.slow
+def test_lct_learns_mnist_close_to_bp(tmp_path, data_root):
+    base = [f"data.root={data_root}", "epochs=2", "data.train_size=10000", "data.test_size=2000", "submodels=false"]
+    cfg = lambda extra: load_experiment("experiments/mnist-cnn.yaml", base + extra)  # noqa: E731
+    bp = train(cfg(["method=bp"]), run_dir=tmp_path / "bp").final["test_acc"]
+    lct2 = train(cfg(["method=lct", "model.split=[conv2]"]), run_dir=tmp_path / "lct2").final
+    lct3 = train(cfg(["method=lct", "model.split=[conv1,conv3]"]), run_dir=tmp_path / "lct3").final
+    assert bp >= 96.0
+    assert lct2["test_acc"] >= bp - 1.5, (bp, lct2)
+    assert lct3["test_acc"] >= bp - 1.5, (bp, lct3)
+    assert lct2["g1_test_acc"] > 80.0
