@@ -52,15 +52,74 @@ def train(
     resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its checkpoint."),
 ) -> None:
     """Train one experiment."""
+    import pandas as pd
+
     from lctrun.config import load_experiment
     from lctrun.launch import run_training
-    from lctrun.reporting.tables import run_summary
+    from lctrun.reporting.tables import rich_table, run_summary
 
     cfg = load_experiment(find_experiment(experiment), overrides or [])
     result = run_training(cfg, run_dir=resume or out, resume=resume is not None, console=console)
     if result is not None and result.rows:
         console.print(run_summary(result.rows, result.run_dir))
-        console.print(f"outputs: [bold]{result.run_dir}[/] (config.yaml, env.json, metrics.csv, last.pt)")
+        for name, rows in result.tables.items():
+            console.print(rich_table(pd.DataFrame(rows), title=name))
+        files = ", ".join(sorted(f.name for f in result.run_dir.iterdir() if not f.name.startswith(".")))
+        console.print(f"outputs: [bold]{result.run_dir}[/] ({files})")
+
+
+@app.command()
+def compare(
+    experiment: str = typer.Argument(..., help="Experiment YAML (path, or name under experiments/)."),
+    overrides: list[str] = typer.Argument(None, help="Dotted KEY=VALUE overrides, applied to every run."),
+    methods: str = typer.Option("bp,lct,dgl", "--methods", help="Comma-separated methods, e.g. bp,lct,dgl."),
+    seeds: int = typer.Option(1, "--seeds", help="Runs per method, with seeds seed, seed+1, ..."),
+    out: Path = typer.Option(None, "--out", help="Output directory (default results/compare/<time>-<name>)."),
+) -> None:
+    """Compare methods side by side: same data and cut, one run per method and seed, one table and plot."""
+    from lctrun.compare import compare as run_compare
+
+    run_compare(find_experiment(experiment), methods, overrides or [], seeds=seeds, out_dir=out, console=console)
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument("resnet20", help="Model to measure (see `lctrun list`)."),
+    groups: int = typer.Option(2, "--groups", "-k", help="K: workers / layer groups."),
+    batch: int = typer.Option(128, help="Batch size."),
+    shape: str = typer.Option("3,32,32", help="Input shape per sample, C,H,W."),
+    methods: str = typer.Option("bp,lct,dgl", help="Methods on K workers (bp = model-parallel bp)."),
+    split: str = typer.Option("", help="Cut points, comma separated (default: balanced by measured time)."),
+    steps: int = typer.Option(20, help="Timed steps per configuration."),
+    warmup: int = typer.Option(3, help="Warm-up steps, not timed."),
+    depth: int = typer.Option(2, help="pipeline_depth of the local methods."),
+    device: str = typer.Option("cpu", help="cpu or cuda (all workers share it)."),
+    overrides: list[str] = typer.Argument(None, help="Extra KEY=VALUE overrides, e.g. critic.channels=64."),
+    out: Path = typer.Option(Path("results/bench"), "--out", help="Where the CSV and Markdown go."),
+) -> None:
+    """Measure throughput, speedup and memory per worker: bp baselines vs local methods on K workers."""
+    from lctrun.bench import bench as run_bench
+    from lctrun.config import ConfigError
+
+    try:
+        dims = tuple(int(v) for v in shape.split(","))
+    except ValueError:
+        raise ConfigError(f"--shape {shape!r} is not C,H,W integers (e.g. 3,32,32)") from None
+    run_bench(
+        model,
+        groups,
+        batch,
+        dims,
+        [m for m in methods.split(",") if m],
+        [s for s in split.split(",") if s],
+        steps,
+        warmup,
+        depth,
+        device,
+        overrides or [],
+        out,
+        console,
+    )
 
 
 @app.command("list")

@@ -214,7 +214,8 @@ def train(
             info = f"loss {row['train_loss']:.3f}" + (f" test {row['test_acc']:.2f}%" if "test_acc" in row else "")
             progress.update(task, info=info)
     tables = {}
-    if cfg.submodels and (p.method.submodels or (p.method.name == "bp" and len(p.groups) > 1)):
+    classifier = p.data.train_y.dim() == 1  # sub-model exits make no sense per token (language models)
+    if cfg.submodels and classifier and (p.method.submodels or (p.method.name == "bp" and len(p.groups) > 1)):
         from lctrun.structural import structural_report
 
         tables = structural_report(p, runtime, test_loader, run_dir, cfg.exit_thresholds)

@@ -91,5 +91,5 @@ def test_train_writes_a_run_directory(tmp_path, data_root):
         "peak_mem_mb",
     ]:
         assert column in rows[0]
-    assert float(rows[-1]["test_acc"]) > 50
+    assert float(rows[-1]["test_acc"]) > 30  # chance is 10
     assert (run_dir / "last.pt").exists() and (run_dir / "env.json").exists()

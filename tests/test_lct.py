@@ -1,6 +1,5 @@
 """Local critic training and its relatives: the identities that define them, and learning on MNIST."""
 
-
 import pytest
 import torch
 

@@ -18,6 +18,8 @@ DATASETS = {
     "cifar100": "CIFAR-100, 32x32 colour, 50k/10k; crop+flip augmentation (data.download=true to fetch)",
     "shapes": "embedded: 10 classes of coloured shapes with noise and jitter, 32x32x3, generated from the seed",
     "fake": "random tensors of data.shape with data.num_classes labels, for speed benchmarks",
+    "seqmnist": "MNIST read row by row (28 steps of 28 features) by the lstm-seq model; same files as mnist",
+    "ptb": "word-level Penn Treebank <root>/ptb/ptb.{train,test}.txt (user-supplied), data.seq_len windows",
 }
 
 
@@ -30,6 +32,10 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
         from lctrun.data.shapes import load_shapes
 
         bundle = load_shapes(cfg.train_size or 10_000, cfg.test_size or 2_000, seed)
+    elif cfg.name in ("seqmnist", "ptb"):
+        from lctrun.data.text import load_ptb, load_seqmnist
+
+        bundle = load_seqmnist(cfg.root, cfg.download) if cfg.name == "seqmnist" else load_ptb(cfg.root, cfg.seq_len)
     elif cfg.name == "fake":
         from lctrun.data.fake import load_fake
 

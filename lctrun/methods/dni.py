@@ -23,6 +23,7 @@ class SynthesizerStage(Stage):
         if not ctx.last:
             self.aux = make_synthesizer(ctx.out_shape, ctx.cfg.critic.channels).to(ctx.device)
             self.aux_opt = make_aux_optimizer(self.aux.parameters(), ctx.cfg.critic)
+        self.synth_updates = 0
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOut:
         if self.ctx.last:
@@ -35,15 +36,18 @@ class SynthesizerStage(Stage):
         h.backward(predicted.detach() / len(h))
         self.opt.step()
         self.steps += 1
-        self.pending.append(predicted)
+        self.pending.append((predicted, h_synth, self.synth_updates))
         return StepOut(h_synth, x_in.grad, {})
 
     def feedback(self, true_grad: torch.Tensor) -> None:
-        predicted = self.pending.popleft()
+        predicted, h_synth, version = self.pending.popleft()
+        if version != self.synth_updates:  # pipelined: the synthesizer stepped since this forward
+            predicted = self.aux(h_synth)
         loss = F.mse_loss(predicted, true_grad * len(true_grad))
         self.aux_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.aux_opt.step()
+        self.synth_updates += 1
         return None
 
 

@@ -32,7 +32,8 @@ class CriticStage(Stage):
         if not ctx.last:
             self.aux = attach_classifier(self, ctx)
             self.aux_opt = make_aux_optimizer(self.aux.parameters(), ctx.cfg.critic)
-        self.critic_steps = 0
+        self.critic_steps = 0  # feedbacks taken
+        self.critic_updates = 0  # critic optimiser steps
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOut:
         if self.ctx.last:
@@ -48,31 +49,35 @@ class CriticStage(Stage):
         h.backward(grad_h)
         self.opt.step()
         self.steps += 1
-        self.pending.append(losses)
+        self.pending.append((losses, h_critic, y, self.critic_updates))
         back = None if self.ctx.first else losses.detach()
         return StepOut(h_critic.detach(), back, classification_metrics(logits, y, losses))
 
     def feedback(self, next_losses: torch.Tensor) -> None:
-        losses = self.pending.popleft()
+        losses, h_critic, y, version = self.pending.popleft()
         self.critic_steps += 1
         if self.critic_steps % self.ctx.cfg.critic.update_every:
             return None
+        if version != self.critic_updates:
+            # pipelined: the critic stepped since this batch's forward, so its graph is stale
+            losses = per_sample_loss(self.aux(h_critic), y)
         diff = losses - next_losses.detach()
         critic_loss = diff.abs().mean() if self.ctx.cfg.critic.loss == "l1" else diff.pow(2).mean()
         self.aux_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.aux_opt.step()
+        self.critic_updates += 1
         return None
 
     def aux_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.aux(h)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "critic_steps": self.critic_steps}
+        return {**super().state_dict(), "critic_steps": self.critic_steps, "critic_updates": self.critic_updates}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.critic_steps = state["critic_steps"]
+        self.critic_steps, self.critic_updates = state["critic_steps"], state["critic_updates"]
 
 
 class HeadStage(Stage):

@@ -10,6 +10,7 @@ from functools import partial
 from lctrun.errors import ConfigError
 from lctrun.models.chain import ChainModel, Group, Stage, split_groups
 from lctrun.models.cnn import cnn_small
+from lctrun.models.lstm import lstm_lm, lstm_seq
 from lctrun.models.resnet import (
     preact_resnet101,
     resnet20,
@@ -44,6 +45,12 @@ MODELS: dict[str, ModelSpec] = {
         preact_resnet101,
         "pre-activation bottleneck ResNet-101, 3x3 stem, no max-pool (LCT TNNLS)",
         ("layer2", "layer3.7", "layer3.15"),
+    ),
+    "lstm-seq": ModelSpec(
+        lstm_seq, "2-layer LSTM(128) reading images row by row, classifies the last step", ("lstm.0",)
+    ),
+    "lstm-lm": ModelSpec(
+        lstm_lm, "word-level LM: embedding 200, 2 LSTM layers of 200, decoder to the vocab", ("lstm.0",)
     ),
 }
 

@@ -15,6 +15,7 @@ import socket
 import time
 import traceback
 from collections import deque
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -191,24 +192,16 @@ def worker_device(cfg: Experiment, rank: int, local_rank: int) -> torch.device:
     return device
 
 
-def run_worker(
-    cfg: Experiment,
-    rank: int,
-    world: int,
-    local_rank: int,
-    run_dir: Path | None,
-    resume: bool,
-    console: Console | None,
-    init_method: str,
-):
+def run_worker(cfg: Experiment, rank: int, world: int, local_rank: int, init_method: str, job):
+    """Join the process group, build this worker's stage, and run `job(prepared, runtime, console)`."""
     from lctrun.methods import build_stage
-    from lctrun.train import group_devices, prepare, train
+    from lctrun.models.chain import group_split_names
+    from lctrun.train import group_devices, prepare
 
     device = worker_device(cfg, rank, local_rank)
-    devices = [worker_device(cfg, r, r) for r in range(world)] if len(cfg.devices) == 1 else None
-    # NCCL needs one rank per GPU; ranks sharing a GPU (or on CPU) talk over gloo.
-    distinct_gpus = device.type == "cuda" and devices is not None and len(set(devices)) == world
-    backend = "nccl" if device.type == "cuda" and (distinct_gpus or len(set(cfg.devices)) == world) else "gloo"
+    devices = [worker_device(cfg, r, r) for r in range(world)]
+    # NCCL needs one rank per GPU; ranks that share a GPU, or run on CPU, talk over gloo.
+    backend = "nccl" if device.type == "cuda" and len(set(devices)) == world else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
@@ -216,6 +209,12 @@ def run_worker(
     )
     try:
         torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // world))
+        if cfg.model.balance == "time" and not cfg.model.split and cfg.model.groups > 1:
+            # timings differ between processes: rank 0 chooses the cut for everyone
+            split = group_split_names(prepare(cfg, check_devices=False).groups) if rank == 0 else None
+            box = [split]
+            dist.broadcast_object_list(box, src=0)
+            cfg = replace(cfg, model=replace(cfg.model, split=box[0]))
         p = prepare(cfg, check_devices=False)
         if len(p.groups) != world:
             raise ConfigError(
@@ -225,18 +224,30 @@ def run_worker(
         group_devices(cfg, world)
         stage = build_stage(p.method, p.groups, rank, cfg, p.data.num_classes, p.shapes, device)
         runtime = DistributedRuntime(p.method, stage, p.shapes, cfg.pipeline_depth)
-        quiet = Console(quiet=True)
-        return train(cfg, run_dir, resume, console if rank == 0 else quiet, runtime=runtime, prepared=p)
+        return job(p, runtime, Console() if rank == 0 else Console(quiet=True))
     finally:
         dist.destroy_process_group()
 
 
-def _spawned_worker(cfg, rank, world, port, run_dir, resume, errors):
+@dataclass
+class TrainJob:
+    run_dir: Path | None
+    resume: bool
+
+    def __call__(self, p, runtime, console):
+        from lctrun.train import train
+
+        return train(p.cfg, self.run_dir, self.resume, console, runtime=runtime, prepared=p)
+
+
+def _spawned_worker(cfg, rank, world, port, job, errors, results):
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher stops workers; Ctrl-C goes to it
     try:
-        run_worker(cfg, rank, world, rank, run_dir, resume, Console(), f"tcp://127.0.0.1:{port}")
+        result = run_worker(cfg, rank, world, rank, f"tcp://127.0.0.1:{port}", job)
+        if rank == 0:
+            results.put(result)
     except LctrunError as e:
         errors.put((rank, str(e), ""))
         raise SystemExit(3) from None
@@ -251,22 +262,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cfg: Experiment, run_dir: Path | None = None, resume: bool = False, console: Console | None = None):
-    """Run the distributed runtime: in this process under torchrun, else spawn one worker per group."""
-    from lctrun.reporting.rundir import default_run_dir, read_rows
-    from lctrun.train import RunResult
+def spawn_workers(cfg: Experiment, job, where: str = "", console: Console | None = None):
+    """Start one local process per group, run `job` in each, return rank 0's result.
 
-    console = console or Console()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        return run_worker(cfg, rank, world, int(os.environ.get("LOCAL_RANK", rank)), run_dir, resume, console, "env://")
+    If a worker fails, the others are stopped within seconds and the failure is raised as one line."""
     world = cfg.workers or num_groups(cfg)
-    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
     ctx = torch.multiprocessing.get_context("spawn")
-    errors = ctx.SimpleQueue()
+    errors, results = ctx.SimpleQueue(), ctx.SimpleQueue()
     port = free_port()
     workers = [
-        ctx.Process(target=_spawned_worker, args=(cfg, r, world, port, run_dir, resume, errors), daemon=True)
+        ctx.Process(target=_spawned_worker, args=(cfg, r, world, port, job, errors, results), daemon=True)
         for r in range(world)
     ]
     for w in workers:
@@ -275,20 +280,29 @@ def launch(cfg: Experiment, run_dir: Path | None = None, resume: bool = False, c
         failed = watch(workers)
     except KeyboardInterrupt:
         stop(workers)
-        raise LctrunError(f"interrupted: all {world} workers stopped; metrics so far are in {run_dir}") from None
+        raise LctrunError(f"interrupted: all {world} workers stopped{where}") from None
     if failed is not None:
         stop(workers)
         rank, message, trace = errors.get() if not errors.empty() else (failed, "", "")
         if not message:
             code = workers[failed].exitcode
             message = f"died ({'signal ' + str(-code) if code and code < 0 else 'exit code ' + str(code)})"
-        if trace and os.environ.get("LCTRUN_DEBUG"):
+        if trace and os.environ.get("LCTRUN_DEBUG") and console is not None:
             console.print(trace, markup=False)
-        raise LctrunError(
-            f"worker {rank} (group {rank + 1}) failed: {message}; all workers stopped; outputs so far: {run_dir}"
-        )
-    tables = {n: read_rows(run_dir / f"{n}.csv") for n in ("submodels", "ensembles", "progressive")}
-    return RunResult(run_dir, read_rows(run_dir / "metrics.csv"), {n: t for n, t in tables.items() if t})
+        raise LctrunError(f"worker {rank} (group {rank + 1}) failed: {message}; all workers stopped{where}")
+    return results.get()
+
+
+def launch(cfg: Experiment, run_dir: Path | None = None, resume: bool = False, console: Console | None = None):
+    """Train with the distributed runtime: in this process under torchrun, else one local process per group."""
+    from lctrun.reporting.rundir import default_run_dir
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        return run_worker(cfg, rank, world, local_rank, "env://", TrainJob(run_dir, resume))
+    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+    return spawn_workers(cfg, TrainJob(run_dir, resume), where=f"; outputs so far: {run_dir}", console=console)
 
 
 def watch(workers) -> int | None:
