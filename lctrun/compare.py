@@ -207,7 +207,7 @@ def compare(
         console.print(f"[bold]run {i}/{len(plan)}:[/] {method} seed {seed}")
         cfg = dataclasses.replace(configs[method], seed=seed)
         run_dir = out / f"{method}-s{seed}"
-        result = run_training(cfg, run_dir=run_dir, console=console)
+        result = run_training(cfg, run_dir=run_dir, console=console, isolated=True)
         rows = rundir.read_rows(run_dir / "metrics.csv") if result is None else result.rows
         if not rows:
             raise ConfigError(f"run {method} seed {seed} wrote no metrics ({run_dir / 'metrics.csv'})")

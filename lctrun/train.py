@@ -110,10 +110,7 @@ def make_serial_runtime(p: Prepared):
     from lctrun.runtime.serial import SerialRuntime
 
     torch.set_num_threads(p.cfg.threads_per_worker or os.cpu_count() or 1)
-    stages = [
-        build_stage(p.method, p.groups, k, p.cfg, p.data.num_classes, p.shapes, p.devices[k])
-        for k in range(len(p.groups))
-    ]
+    stages = [build_stage(p, k, p.devices[k]) for k in range(len(p.groups))]
     return SerialRuntime(p.method, stages)
 
 

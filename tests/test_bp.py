@@ -45,3 +45,23 @@ def test_bp_learns_mnist(tmp_path, data_root):
     )
     result = train(cfg, run_dir=tmp_path)
     assert result.final["test_acc"] >= 95.0, result.final
+
+
+def test_schedules_advance_every_step():
+    from lctrun.config import OptimConfig
+    from lctrun.methods.optim import lr_factor
+
+    cosine = OptimConfig(schedule="cosine")
+    assert lr_factor(cosine, 0, 100, 10) == 1.0
+    assert lr_factor(cosine, 50, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(cosine, 100, 100, 10) == pytest.approx(0.0)
+    steps = OptimConfig(schedule="multistep", milestones=[2, 3], gamma=0.1)
+    assert [lr_factor(steps, s, 40, 10) for s in (19, 20, 29, 30)] == pytest.approx([1, 0.1, 0.1, 0.01])
+    cfg = small(["method=bp", "optim.schedule=cosine", "epochs=2"])
+    p = prepare(cfg)
+    runtime = make_serial_runtime(p)
+    lrs = []
+    for i in range(4):  # 64 samples / 16 = 4 steps per epoch, 8 in all
+        runtime.step(p.data.train_x[i * 16 : (i + 1) * 16], p.data.train_y[i * 16 : (i + 1) * 16], torch.arange(16), {})
+        lrs.append(runtime.lr)
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(cfg.optim.lr * 0.5)

@@ -7,7 +7,6 @@ import difflib
 import torch
 from torch import nn
 
-from lctrun.config import Experiment
 from lctrun.errors import ConfigError
 from lctrun.methods.base import Method, Stage, StageContext, StepOut
 from lctrun.methods.bp import Backprop
@@ -66,18 +65,14 @@ def group_shapes(groups: list[nn.Module], in_shape: tuple[int, ...]) -> list[tup
     return shapes
 
 
-def build_stage(
-    method: Method,
-    groups: list[nn.Module],
-    k: int,
-    cfg: Experiment,
-    num_classes: int,
-    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]],
-    device: torch.device,
-) -> Stage:
-    ctx = StageContext(cfg, k, len(groups), num_classes, shapes[k][0], shapes[k][1], device)
+def build_stage(p, k: int, device: torch.device) -> Stage:
+    """Stage k of a prepared run (lctrun.train.Prepared) on `device`."""
+    cfg = p.cfg
+    steps_per_epoch = -(-len(p.data.train_y) // cfg.data.batch_size)
+    in_shape, out_shape = p.shapes[k]
+    ctx = StageContext(cfg, k, len(p.groups), p.data.num_classes, in_shape, out_shape, device, steps_per_epoch)
     # Each stage initialises its auxiliary modules from its own stream, so that a worker that builds
     # only stage k gets the same critic as a process that builds every stage in turn.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed * 1009 + k + 1)
-        return method.make_stage(groups[k], ctx)
+        return p.method.make_stage(p.groups[k], ctx)

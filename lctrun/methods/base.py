@@ -43,6 +43,7 @@ class StageContext:
     in_shape: tuple[int, ...]  # per-sample shape of the group's input
     out_shape: tuple[int, ...]  # per-sample shape of the group's output
     device: torch.device
+    steps_per_epoch: int = 1
 
     @property
     def first(self) -> bool:
@@ -80,7 +81,7 @@ class Stage:
         self.device = ctx.device
         self.group = group.to(ctx.device)
         self.opt = make_optimizer(self.group.parameters(), ctx.cfg.optim)
-        self.sched = make_scheduler(self.opt, ctx.cfg.optim, ctx.cfg.epochs)
+        self.sched = make_scheduler(self.opt, ctx.cfg.optim, ctx.cfg.epochs, ctx.steps_per_epoch)
         self.pending: deque = deque()  # per-batch state kept until that batch's feedback arrives
         self.steps = 0
 
@@ -98,14 +99,19 @@ class Stage:
         losses = per_sample_loss(logits, y)
         self.opt.zero_grad(set_to_none=True)
         losses.mean().backward()
-        self.opt.step()
+        self.optimizer_step()
         self.steps += 1
         back = {"grad": x_in.grad, "loss": losses.detach(), None: None}[send_back]
         metrics = classification_metrics(logits, y, losses)
         return StepOut(None, None if self.ctx.first else back, metrics)
 
-    def epoch_end(self) -> None:
+    def optimizer_step(self) -> None:
+        """Step the group's optimiser and its schedule (the auxiliary optimisers have none)."""
+        self.opt.step()
         self.sched.step()
+
+    def epoch_end(self) -> None:
+        pass
 
     @property
     def lr(self) -> float:

@@ -25,7 +25,7 @@ class BPStage(Stage):
         x_in, h = self.pending.popleft()
         self.opt.zero_grad(set_to_none=True)
         h.backward(grad)
-        self.opt.step()
+        self.optimizer_step()
         self.steps += 1
         return x_in.grad
 

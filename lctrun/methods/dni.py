@@ -34,7 +34,7 @@ class SynthesizerStage(Stage):
         predicted = self.aux(h_synth)
         self.opt.zero_grad(set_to_none=True)
         h.backward(predicted.detach() / len(h))
-        self.opt.step()
+        self.optimizer_step()
         self.steps += 1
         self.pending.append((predicted, h_synth, self.synth_updates))
         return StepOut(h_synth, x_in.grad, {})

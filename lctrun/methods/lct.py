@@ -47,7 +47,7 @@ class CriticStage(Stage):
         (grad_h,) = torch.autograd.grad(losses.mean(), h_critic, retain_graph=True)
         self.opt.zero_grad(set_to_none=True)
         h.backward(grad_h)
-        self.opt.step()
+        self.optimizer_step()
         self.steps += 1
         self.pending.append((losses, h_critic, y, self.critic_updates))
         back = None if self.ctx.first else losses.detach()
@@ -88,7 +88,7 @@ class HeadStage(Stage):
         if not ctx.last:
             self.aux = attach_classifier(self, ctx)
             self.opt = make_optimizer([*self.group.parameters(), *self.aux.parameters()], ctx.cfg.optim)
-            self.sched = make_scheduler(self.opt, ctx.cfg.optim, ctx.cfg.epochs)
+            self.sched = make_scheduler(self.opt, ctx.cfg.optim, ctx.cfg.epochs, ctx.steps_per_epoch)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOut:
         if self.ctx.last:
@@ -98,7 +98,7 @@ class HeadStage(Stage):
         losses = per_sample_loss(logits, y)
         self.opt.zero_grad(set_to_none=True)
         losses.mean().backward()
-        self.opt.step()
+        self.optimizer_step()
         self.steps += 1
         return StepOut(h.detach(), None, classification_metrics(logits, y, losses))
 

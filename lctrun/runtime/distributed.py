@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import socket
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -25,11 +24,12 @@ from rich.console import Console
 
 from lctrun.config import Experiment
 from lctrun.data import TensorLoader
-from lctrun.errors import ConfigError, LctrunError
+from lctrun.errors import ConfigError
 from lctrun.methods import Method, Stage
 from lctrun.runtime.accounting import SavedTensors, state_account
 from lctrun.runtime.base import EvalOutput, add_metrics, averages, stage_prefix
 from lctrun.runtime.memory import PeakMemory
+from lctrun.runtime.processes import run_processes
 from lctrun.runtime.transport import BACKWARD, EVAL, FORWARD, Channel
 
 
@@ -222,7 +222,7 @@ def run_worker(cfg: Experiment, rank: int, world: int, local_rank: int, init_met
                 f"{len(p.groups)} groups (set workers={len(p.groups)} or change model.split/model.groups)"
             )
         group_devices(cfg, world)
-        stage = build_stage(p.method, p.groups, rank, cfg, p.data.num_classes, p.shapes, device)
+        stage = build_stage(p, rank, device)
         runtime = DistributedRuntime(p.method, stage, p.shapes, cfg.pipeline_depth)
         return job(p, runtime, Console() if rank == 0 else Console(quiet=True))
     finally:
@@ -240,20 +240,17 @@ class TrainJob:
         return train(p.cfg, self.run_dir, self.resume, console, runtime=runtime, prepared=p)
 
 
-def _spawned_worker(cfg, rank, world, port, job, errors, results):
-    import signal
+@dataclass
+class WorkerBody:
+    """What each spawned worker process runs: join the local process group, then the job."""
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher stops workers; Ctrl-C goes to it
-    try:
-        result = run_worker(cfg, rank, world, rank, f"tcp://127.0.0.1:{port}", job)
-        if rank == 0:
-            results.put(result)
-    except LctrunError as e:
-        errors.put((rank, str(e), ""))
-        raise SystemExit(3) from None
-    except BaseException as e:  # report any failure to the launcher, which stops the other workers
-        errors.put((rank, f"{type(e).__name__}: {e}", traceback.format_exc()))
-        raise SystemExit(1) from None
+    cfg: Experiment
+    world: int
+    port: int
+    job: object
+
+    def __call__(self, rank: int):
+        return run_worker(self.cfg, rank, self.world, rank, f"tcp://127.0.0.1:{self.port}", self.job)
 
 
 def free_port() -> int:
@@ -263,34 +260,9 @@ def free_port() -> int:
 
 
 def spawn_workers(cfg: Experiment, job, where: str = "", console: Console | None = None):
-    """Start one local process per group, run `job` in each, return rank 0's result.
-
-    If a worker fails, the others are stopped within seconds and the failure is raised as one line."""
+    """Start one local process per group, run `job` in each, return rank 0's result."""
     world = cfg.workers or num_groups(cfg)
-    ctx = torch.multiprocessing.get_context("spawn")
-    errors, results = ctx.SimpleQueue(), ctx.SimpleQueue()
-    port = free_port()
-    workers = [
-        ctx.Process(target=_spawned_worker, args=(cfg, r, world, port, job, errors, results), daemon=True)
-        for r in range(world)
-    ]
-    for w in workers:
-        w.start()
-    try:
-        failed = watch(workers)
-    except KeyboardInterrupt:
-        stop(workers)
-        raise LctrunError(f"interrupted: all {world} workers stopped{where}") from None
-    if failed is not None:
-        stop(workers)
-        rank, message, trace = errors.get() if not errors.empty() else (failed, "", "")
-        if not message:
-            code = workers[failed].exitcode
-            message = f"died ({'signal ' + str(-code) if code and code < 0 else 'exit code ' + str(code)})"
-        if trace and os.environ.get("LCTRUN_DEBUG") and console is not None:
-            console.print(trace, markup=False)
-        raise LctrunError(f"worker {rank} (group {rank + 1}) failed: {message}; all workers stopped{where}")
-    return results.get()
+    return run_processes(WorkerBody(cfg, world, free_port(), job), world, "worker", where, console)
 
 
 def launch(cfg: Experiment, run_dir: Path | None = None, resume: bool = False, console: Console | None = None):
@@ -303,27 +275,3 @@ def launch(cfg: Experiment, run_dir: Path | None = None, resume: bool = False, c
         return run_worker(cfg, rank, world, local_rank, "env://", TrainJob(run_dir, resume))
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
     return spawn_workers(cfg, TrainJob(run_dir, resume), where=f"; outputs so far: {run_dir}", console=console)
-
-
-def watch(workers) -> int | None:
-    """Wait for the workers; the rank of the first that failed, or None when all succeeded."""
-    while True:
-        codes = [w.exitcode for w in workers]
-        for rank, code in enumerate(codes):
-            if code not in (None, 0):
-                return rank
-        if all(code == 0 for code in codes):
-            return None
-        time.sleep(0.05)
-
-
-def stop(workers, grace: float = 3.0) -> None:
-    for w in workers:
-        if w.is_alive():
-            w.terminate()
-    deadline = time.time() + grace
-    for w in workers:
-        w.join(max(0.0, deadline - time.time()))
-        if w.is_alive():
-            w.kill()
-            w.join()

@@ -16,6 +16,17 @@ def _status_kb(field: str) -> int:
     return 0
 
 
+def release_free_heap() -> None:
+    """Give freed heap back to the OS (glibc), so that memory freed during start-up, which training
+    could reuse without growing RSS, is not counted in the baseline."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Resets the peak after start-up (importing torch, loading data) so that only training counts."""
 
@@ -28,6 +39,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.baseline = torch.cuda.memory_allocated(self.device)
             return
+        release_free_heap()
         try:  # writing 5 to clear_refs resets VmHWM to the current RSS (Linux)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
