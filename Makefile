@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 export LCTRUN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: venv demo test test-fast lint format bench clean
+.PHONY: venv demo test test-fast lint format bench methods-tables clean
 
 venv: $(BIN)/.installed
 $(BIN)/.installed: pyproject.toml
@@ -32,7 +32,18 @@ format: venv
 	$(BIN)/ruff check --fix lctrun tests
 
 bench: venv
-	$(BIN)/lctrun bench resnet20 --groups 2
+	$(BIN)/lctrun bench resnet20 --groups 2 --methods bp,lct,dgl,dni critic.channels=32
+	$(BIN)/lctrun bench resnet20 --groups 2 --methods bp,lct,dgl
+
+# bp vs lct (2 and 3 groups) vs dgl vs dni on full MNIST and Fashion-MNIST (CPU, ~25 min)
+METHODS_EPOCHS ?= 2
+methods-tables: venv
+	for d in mnist fashion-mnist; do \
+	  $(BIN)/lctrun compare experiments/mnist-cnn.yaml --methods bp,lct,dgl,dni data.name=$$d model.split=[conv2] \
+	    epochs=$(METHODS_EPOCHS) --out results/methods/$$d-k2 || exit 1; \
+	  $(BIN)/lctrun compare experiments/mnist-cnn.yaml --methods bp,lct,dgl data.name=$$d model.split=[conv1,conv3] \
+	    epochs=$(METHODS_EPOCHS) --out results/methods/$$d-k3 || exit 1; \
+	done
 
 clean:
 	rm -rf results/runs results/compare .pytest_cache

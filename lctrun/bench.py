@@ -42,7 +42,8 @@ class BenchJob:
         start = time.perf_counter()
         runtime.train_epoch(loader(self.warmup, self.steps))  # ends when every worker has finished
         seconds = time.perf_counter() - start
-        return {"seconds": seconds, "samples": self.steps * batch, "workers": runtime.worker_stats}
+        cut = ",".join(names[-1] for names in p.block_names[:-1]) or "-"
+        return {"seconds": seconds, "samples": self.steps * batch, "workers": runtime.worker_stats, "cut": cut}
 
 
 def bench_configs(methods: list[str], groups: int, cores: int) -> list[tuple[str, list[str]]]:
@@ -111,12 +112,17 @@ def bench(
         rows.append(
             {
                 "config": label,
+                "cut": result["cut"],
                 "workers": len(workers),
                 "threads_per_worker": cfg.threads_per_worker or cores // len(workers),
                 "samples_per_s": result["samples"] / result["seconds"],
                 "ideal_samples_per_s": result["samples"] / critical,
                 "peak_mem_mb_per_worker": "/".join(f"{w['peak_mem_mb']:.0f}" for w in workers),
                 "max_peak_mem_mb": max(w["peak_mem_mb"] for w in workers),
+                # analytic, allocator-independent: saved activations + parameters + gradients + optimiser state
+                "account_mb_per_worker": "/".join(
+                    f"{w['activations_mb'] + w['params_mb'] + w['grads_mb'] + w['optim_mb']:.0f}" for w in workers
+                ),
                 "bytes_per_sample": sum(w["bytes_sent"] for w in workers) / result["samples"],
                 "compute_s_per_worker": "/".join(f"{w['compute_s']:.2f}" for w in workers),
                 "wait_s_per_worker": "/".join(f"{w['wait_s']:.2f}" for w in workers),
@@ -134,9 +140,13 @@ def bench(
         f"# lctrun bench: {model}, K={groups}, batch {batch}, input {'x'.join(map(str, shape))} (fake data)\n\n"
         f"hardware: {tag}; device: {device}; {steps} timed steps after {warmup} warm-up; pipeline_depth {depth}; "
         f"commit {git_commit()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', 'unset')}; "
-        f"{time.strftime('%Y-%m-%d')}. Peak memory: per worker, above its own baseline after start-up."
+        f"{time.strftime('%Y-%m-%d')}. Peak memory: per worker, above its own baseline after start-up. "
+        f"Cuts balance measured time per block, critic included. "
+        f"Critic: {cfg.critic.convs[0]} x conv3x3({cfg.critic.channels}) + linear; "
+        f"extra overrides: {' '.join(overrides or []) or 'none'}."
     )
-    paths = write_table(frame, Path(out_dir) / f"{slug(tag)}-{model}-k{groups}", header)
+    name = "-".join([slug(tag), model, f"k{groups}", *(slug(o) for o in overrides or [])])
+    paths = write_table(frame, Path(out_dir) / name, header)
     shown = frame[
         [
             "config",

@@ -38,7 +38,7 @@ class ModelConfig:
     name: str = "cnn-small"
     split: list[str] = field(default_factory=list)  # cut after these named blocks, e.g. [layer2, layer3.8]
     groups: int = 1  # K; used when split is empty: cut automatically
-    balance: str = "params"  # params | time: what the automatic cut balances
+    balance: str = "params"  # params | flops | time: what the automatic cut balances (critics included)
 
 
 @dataclass
@@ -236,7 +236,7 @@ def validate(cfg: Experiment) -> None:
     choices = {
         "optim.name": (cfg.optim.name, ["sgd", "adam"]),
         "optim.schedule": (cfg.optim.schedule, ["none", "multistep", "cosine"]),
-        "model.balance": (cfg.model.balance, ["params", "time"]),
+        "model.balance": (cfg.model.balance, ["params", "flops", "time"]),
         "critic.loss": (cfg.critic.loss, ["l1", "mse"]),
         "critic.optim": (cfg.critic.optim, ["adam", "sgd"]),
         "runtime": (cfg.runtime, ["serial", "distributed"]),

@@ -72,8 +72,12 @@ def prepare(cfg: Experiment, check_devices: bool = True) -> Prepared:
     data = load_data(cfg.data, cfg.seed)
     seed_everything(cfg.seed)
     model = build_model(cfg.model.name, data.num_classes, data.in_shape)
-    sample = data.train_x[: min(32, len(data.train_x))].float() if cfg.model.balance == "time" else None
-    groups = split_groups(model, cfg.model.split, cfg.model.groups, cfg.model.balance, sample=sample)
+    sample = None
+    if cfg.model.balance in ("time", "flops"):
+        loader = TensorLoader(data.train_x, data.train_y, min(cfg.data.batch_size, len(data.train_y)), shuffle=False)
+        sample = next(iter(loader)).x
+    aux_for = lambda shape: method.aux_module(shape, cfg, data.num_classes)  # noqa: E731
+    groups = split_groups(model, cfg.model.split, cfg.model.groups, cfg.model.balance, sample, aux_for)
     devices = group_devices(cfg, len(groups)) if check_devices else []
     names = [g.block_names for g in groups]
     return Prepared(cfg, data, groups, method, group_shapes(groups, data.in_shape), devices, names)

@@ -173,3 +173,7 @@ class Method:
 
     def make_stage(self, group: nn.Module, ctx: StageContext) -> Stage:
         raise NotImplementedError
+
+    def aux_module(self, out_shape: tuple[int, ...], cfg: Experiment, num_classes: int) -> nn.Module | None:
+        """The module this method attaches after a group with this output shape (for balancing cuts)."""
+        return None

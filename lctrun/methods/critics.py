@@ -69,3 +69,21 @@ def make_aux_optimizer(params, cfg: CriticConfig) -> torch.optim.Optimizer:
     if cfg.optim == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def stashed_forward(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward through a copy of the module's weights (weight stashing).
+
+    The graph then stays valid while the module itself is updated by earlier batches' feedback
+    (pipelining), and the gradient it yields is the one at the weights this batch saw."""
+    stash = {name: p.detach().clone().requires_grad_() for name, p in module.named_parameters()}
+    return torch.func.functional_call(module, stash, (x,)), stash
+
+
+def step_from_stash(module: nn.Module, stash: dict[str, torch.Tensor], loss: torch.Tensor, opt) -> None:
+    """Backpropagate `loss` into the stashed weights, then step the module's own weights with it."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for name, p in module.named_parameters():
+        p.grad = stash[name].grad
+    opt.step()

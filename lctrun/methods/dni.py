@@ -14,7 +14,7 @@ from torch import nn
 
 from lctrun.methods import register
 from lctrun.methods.base import Method, Stage, StageContext, StepOut
-from lctrun.methods.critics import make_aux_optimizer, make_synthesizer
+from lctrun.methods.critics import make_aux_optimizer, make_synthesizer, stashed_forward, step_from_stash
 
 
 class SynthesizerStage(Stage):
@@ -23,7 +23,6 @@ class SynthesizerStage(Stage):
         if not ctx.last:
             self.aux = make_synthesizer(ctx.out_shape, ctx.cfg.critic.channels).to(ctx.device)
             self.aux_opt = make_aux_optimizer(self.aux.parameters(), ctx.cfg.critic)
-        self.synth_updates = 0
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOut:
         if self.ctx.last:
@@ -31,23 +30,18 @@ class SynthesizerStage(Stage):
         x_in = x.requires_grad_(not self.ctx.first)
         h = self.group(x_in)
         h_synth = h.detach()
-        predicted = self.aux(h_synth)
+        predicted, stash = stashed_forward(self.aux, h_synth)
         self.opt.zero_grad(set_to_none=True)
         h.backward(predicted.detach() / len(h))
         self.optimizer_step()
         self.steps += 1
-        self.pending.append((predicted, h_synth, self.synth_updates))
+        self.pending.append((predicted, stash))
         return StepOut(h_synth, x_in.grad, {})
 
     def feedback(self, true_grad: torch.Tensor) -> None:
-        predicted, h_synth, version = self.pending.popleft()
-        if version != self.synth_updates:  # pipelined: the synthesizer stepped since this forward
-            predicted = self.aux(h_synth)
+        predicted, stash = self.pending.popleft()
         loss = F.mse_loss(predicted, true_grad * len(true_grad))
-        self.aux_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.aux_opt.step()
-        self.synth_updates += 1
+        step_from_stash(self.aux, stash, loss, self.aux_opt)
         return None
 
 
@@ -59,6 +53,9 @@ class SyntheticGradients(Method):
 
     def make_stage(self, group: nn.Module, ctx: StageContext) -> Stage:
         return SynthesizerStage(group, ctx)
+
+    def aux_module(self, out_shape: tuple[int, ...], cfg, num_classes: int) -> nn.Module:
+        return make_synthesizer(out_shape, cfg.critic.channels)
 
 
 register(SyntheticGradients())

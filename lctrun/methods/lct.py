@@ -15,8 +15,21 @@ from torch import nn
 
 from lctrun.methods import register
 from lctrun.methods.base import Method, Stage, StageContext, StepOut, classification_metrics, per_sample_loss
-from lctrun.methods.critics import critic_depth, make_aux_optimizer, make_classifier
+from lctrun.methods.critics import (
+    critic_depth,
+    make_aux_optimizer,
+    make_classifier,
+    stashed_forward,
+    step_from_stash,
+)
 from lctrun.methods.optim import make_optimizer, make_scheduler
+
+
+class ClassifierAux:
+    """lct and dgl attach the same classifier (a critic, or a head) after every group but the last."""
+
+    def aux_module(self, out_shape: tuple[int, ...], cfg, num_classes: int) -> nn.Module:
+        return make_classifier(out_shape, num_classes, cfg.critic.convs[0], cfg.critic.channels)
 
 
 def attach_classifier(stage: Stage, ctx: StageContext) -> nn.Module:
@@ -33,7 +46,6 @@ class CriticStage(Stage):
             self.aux = attach_classifier(self, ctx)
             self.aux_opt = make_aux_optimizer(self.aux.parameters(), ctx.cfg.critic)
         self.critic_steps = 0  # feedbacks taken
-        self.critic_updates = 0  # critic optimiser steps
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOut:
         if self.ctx.last:
@@ -42,42 +54,36 @@ class CriticStage(Stage):
         # The critic runs on a detached copy: its graph is kept (small) until l_{k+1} arrives, while
         # the group's graph is freed right after the group's own update.
         h_critic = h.detach().requires_grad_()
-        logits = self.aux(h_critic)
+        logits, stash = stashed_forward(self.aux, h_critic)
         losses = per_sample_loss(logits, y)
         (grad_h,) = torch.autograd.grad(losses.mean(), h_critic, retain_graph=True)
         self.opt.zero_grad(set_to_none=True)
         h.backward(grad_h)
         self.optimizer_step()
         self.steps += 1
-        self.pending.append((losses, h_critic, y, self.critic_updates))
+        self.pending.append((losses, stash))
         back = None if self.ctx.first else losses.detach()
         return StepOut(h_critic.detach(), back, classification_metrics(logits, y, losses))
 
     def feedback(self, next_losses: torch.Tensor) -> None:
-        losses, h_critic, y, version = self.pending.popleft()
+        losses, stash = self.pending.popleft()
         self.critic_steps += 1
         if self.critic_steps % self.ctx.cfg.critic.update_every:
             return None
-        if version != self.critic_updates:
-            # pipelined: the critic stepped since this batch's forward, so its graph is stale
-            losses = per_sample_loss(self.aux(h_critic), y)
         diff = losses - next_losses.detach()
         critic_loss = diff.abs().mean() if self.ctx.cfg.critic.loss == "l1" else diff.pow(2).mean()
-        self.aux_opt.zero_grad(set_to_none=True)
-        critic_loss.backward()
-        self.aux_opt.step()
-        self.critic_updates += 1
+        step_from_stash(self.aux, stash, critic_loss, self.aux_opt)
         return None
 
     def aux_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.aux(h)
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "critic_steps": self.critic_steps, "critic_updates": self.critic_updates}
+        return {**super().state_dict(), "critic_steps": self.critic_steps}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.critic_steps, self.critic_updates = state["critic_steps"], state["critic_updates"]
+        self.critic_steps = state["critic_steps"]
 
 
 class HeadStage(Stage):
@@ -106,7 +112,7 @@ class HeadStage(Stage):
         return self.aux(h)
 
 
-class LocalCritic(Method):
+class LocalCritic(ClassifierAux, Method):
     name = "lct"
     description = "local critic training: group k learns from critic k, critic k learns to match loss k+1 (cascade)"
     feedback = True
@@ -117,7 +123,7 @@ class LocalCritic(Method):
         return CriticStage(group, ctx)
 
 
-class DecoupledGreedy(Method):
+class DecoupledGreedy(ClassifierAux, Method):
     name = "dgl"
     description = "decoupled greedy learning: each group trains with its own auxiliary head on the labels"
     feedback = False

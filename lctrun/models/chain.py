@@ -86,9 +86,12 @@ def _summarise(names: list[str]) -> str:
     return ", ".join(out)
 
 
-def balanced_cuts(costs: list[float], k: int) -> list[int]:
-    """Cut a sequence of block costs into k contiguous groups minimising the largest group's cost."""
+def balanced_cuts(costs: list[float], k: int, end_costs: list[float] | None = None) -> list[int]:
+    """Cut a sequence of block costs into k contiguous groups minimising the largest group's cost.
+
+    end_costs[i]: extra cost of a group (not the last) that ends at block i, e.g. a local critic there."""
     n = len(costs)
+    end = end_costs or [0.0] * n
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
@@ -100,7 +103,7 @@ def balanced_cuts(costs: list[float], k: int) -> list[int]:
     for j in range(1, k + 1):
         for i in range(j, n + 1):
             for m in range(j - 1, i):
-                cost = max(best[j - 1][m], prefix[i] - prefix[m])
+                cost = max(best[j - 1][m], prefix[i] - prefix[m] + (end[i - 1] if i < n else 0.0))
                 if cost < best[j][i]:
                     best[j][i], arg[j][i] = cost, m
     cuts, i = [], n
@@ -114,21 +117,57 @@ def block_param_costs(blocks: list[tuple[str, nn.Module]]) -> list[float]:
     return [float(sum(p.numel() for p in m.parameters())) + 1.0 for _, m in blocks]
 
 
-def block_time_costs(blocks: list[tuple[str, nn.Module]], sample: torch.Tensor, repeats: int = 3) -> list[float]:
-    """Measured forward+backward seconds of each block on `sample` (a small batch)."""
-    costs, x = [], sample
+def time_step(module: nn.Module, x: torch.Tensor, repeats: int = 3) -> tuple[float, torch.Tensor]:
+    """Best-of-`repeats` seconds of one forward+backward of `module` on `x`, and its output."""
+    x = x.detach().requires_grad_(x.is_floating_point())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        y = module(x)
+        y.float().sum().backward()
+        best = min(best, time.perf_counter() - start)
+    module.zero_grad(set_to_none=True)
+    return best, y.detach()
+
+
+def block_time_costs(
+    blocks: list[tuple[str, nn.Module]], sample: torch.Tensor, aux_for: Callable | None = None
+) -> tuple[list[float], list[float]]:
+    """Measured forward+backward seconds of each block on `sample` (a small batch), and of the
+    auxiliary module `aux_for(output_shape)` a method would attach after that block (0 if none)."""
+    costs, end_costs, x = [], [], sample
     for _, block in blocks:
-        x = x.detach().requires_grad_(x.is_floating_point())
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            y = block(x)
-            y.float().sum().backward()
-            best = min(best, time.perf_counter() - start)
-        block.zero_grad(set_to_none=True)
-        costs.append(best)
-        x = y
-    return costs
+        seconds, x = time_step(block, x)
+        costs.append(seconds)
+        aux = aux_for(tuple(x.shape[1:])) if aux_for is not None else None
+        end_costs.append(time_step(aux, x)[0] if aux is not None else 0.0)
+    return costs, end_costs
+
+
+def block_flop_costs(
+    blocks: list[tuple[str, nn.Module]], sample: torch.Tensor, aux_for: Callable | None = None
+) -> tuple[list[float], list[float]]:
+    """Forward FLOPs of each block on `sample`, and of the auxiliary module attached after it.
+
+    Deterministic, unlike timings; on CPU the time of conv nets follows their FLOPs closely."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            y = module(x)
+        return float(counter.get_total_flops()) + 1.0, y
+
+    costs, end_costs, x = [], [], sample
+    modes = [m.training for _, m in blocks]
+    for _, block in blocks:
+        block.eval()  # keep BN running statistics untouched
+        cost, x = flops(block, x)
+        costs.append(cost)
+        aux = aux_for(tuple(x.shape[1:])) if aux_for is not None else None
+        end_costs.append(flops(aux, x)[0] if aux is not None else 0.0)
+    for (_, block), mode in zip(blocks, modes, strict=True):
+        block.train(mode)
+    return costs, end_costs
 
 
 def split_groups(
@@ -137,9 +176,12 @@ def split_groups(
     groups: int = 1,
     balance: str = "params",
     sample: torch.Tensor | None = None,
-    cost_fn: Callable[[list[tuple[str, nn.Module]]], list[float]] | None = None,
+    aux_for: Callable[[tuple[int, ...]], nn.Module | None] | None = None,
 ) -> list[Group]:
-    """Cut `model` into groups at the named `split` points, or into `groups` balanced groups."""
+    """Cut `model` into groups at the named `split` points, or into `groups` balanced groups.
+
+    balance=time (or flops) measures every block on `sample`, plus the auxiliary module
+    `aux_for(shape)` that the method attaches at a cut, so that a group's critic counts towards its share."""
     blocks = model.named_blocks()
     names = [n for n, _ in blocks]
     if split:
@@ -150,15 +192,15 @@ def split_groups(
         if groups == 1:
             cuts = []
         else:
-            if cost_fn is not None:
-                costs = cost_fn(blocks)
-            elif balance == "time":
+            if balance in ("time", "flops"):
                 if sample is None:
-                    raise ConfigError("model.balance=time needs a sample batch to time the blocks")
-                costs = block_time_costs(blocks, sample)
+                    raise ConfigError(f"model.balance={balance} needs a sample batch to measure the blocks")
+                measure = block_time_costs if balance == "time" else block_flop_costs
+                with torch.random.fork_rng(devices=[]):
+                    costs, end_costs = measure(blocks, sample, aux_for)
             else:
-                costs = block_param_costs(blocks)
-            cuts = balanced_cuts(costs, groups)
+                costs, end_costs = block_param_costs(blocks), None
+            cuts = balanced_cuts(costs, groups, end_costs)
     bounds = [-1, *cuts, len(blocks) - 1]
     return [Group(blocks[bounds[i] + 1 : bounds[i + 1] + 1]) for i in range(len(bounds) - 1)]
 

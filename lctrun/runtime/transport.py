@@ -17,7 +17,7 @@ FORWARD, BACKWARD, EVAL = 1, 2, 3  # message tags: one kind per direction betwee
 
 
 class Channel:
-    def __init__(self, device: torch.device, max_pending_sends: int = 16):
+    def __init__(self, device: torch.device, max_pending_sends: int = 4):
         self.device = device
         self.stage_via_cpu = dist.get_backend() == "gloo"
         self.sends: deque = deque()
@@ -33,6 +33,8 @@ class Channel:
         tensor = tensor.contiguous()
         self.sends.append((dist.isend(tensor, dst, tag=tag), tensor))
         self.bytes_sent += tensor.numel() * tensor.element_size()
+        while self.sends and self.sends[0][0].is_completed():  # free finished sends' buffers now
+            self.sends.popleft()
         while len(self.sends) > self.max_pending_sends:
             self._wait_oldest_send()
 
