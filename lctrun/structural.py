@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lctrun.config import Experiment
-from lctrun.data import DataBundle, TensorLoader
+from lctrun.data import DataBundle, TensorLoader, train_loader
 from lctrun.methods.critics import critic_depth, make_classifier
 from lctrun.runtime.base import EvalOutput
 
@@ -289,17 +289,7 @@ def probe_heads(
         torch.manual_seed(cfg.seed)
         heads = [_make_head(cfg, shapes[k + 1], data.num_classes, k, K).to(devices[k]) for k in range(K - 1)]
     opts = [torch.optim.Adam(h.parameters(), lr=lr) for h in heads]
-    loader = TensorLoader(
-        data.train_x,
-        data.train_y,
-        cfg.data.batch_size,
-        shuffle=True,
-        mean=data.mean,
-        std=data.std,
-        augment=data.augment,
-        seed=cfg.seed + 1,
-        device=devices[0],
-    )
+    loader = train_loader(data, cfg.data.batch_size, cfg.seed + 1, devices[0])
     modes = [g.training for g in groups]
     for g in groups:
         g.eval()

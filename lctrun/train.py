@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lctrun.config import Experiment
-from lctrun.data import DataBundle, TensorLoader, load_data
+from lctrun.data import DataBundle, TensorLoader, load_data, test_loader, train_loader
 from lctrun.errors import ConfigError, LctrunError
 from lctrun.evaluation import test_metrics
 from lctrun.methods import Method, build_stage, get_method, group_shapes
@@ -85,29 +85,10 @@ def prepare(cfg: Experiment, check_devices: bool = True) -> Prepared:
 
 def make_loaders(p: Prepared, device: torch.device, load_x: bool = True) -> tuple[TensorLoader, TensorLoader]:
     d, cfg = p.data, p.cfg
-    train = TensorLoader(
-        d.train_x,
-        d.train_y,
-        cfg.data.batch_size,
-        shuffle=True,
-        mean=d.mean,
-        std=d.std,
-        augment=d.augment,
-        seed=cfg.seed,
-        device=device,
-        load_x=load_x,
+    return (
+        train_loader(d, cfg.data.batch_size, cfg.seed, device, load_x),
+        test_loader(d, cfg.data.test_batch_size, device, load_x),
     )
-    test = TensorLoader(
-        d.test_x,
-        d.test_y,
-        cfg.data.test_batch_size,
-        shuffle=False,
-        mean=d.mean,
-        std=d.std,
-        device=device,
-        load_x=load_x,
-    )
-    return train, test
 
 
 def make_serial_runtime(p: Prepared):

@@ -1,6 +1,7 @@
 """The distributed runtime (gloo over loopback): same updates as the serial one, learning, faults, counters."""
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -118,3 +119,63 @@ def test_a_killed_worker_stops_the_run_from_the_cli(tmp_path):
     assert time.time() - start < 90
     orphans = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert orphans == []
+
+
+def test_ctrl_c_stops_every_worker(tmp_path):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lctrun",
+            "train",
+            "experiments/mnist-cnn.yaml",
+            *TINY,
+            "epochs=500",
+            "method=lct",
+            "model.split=[conv2]",
+            "runtime=distributed",
+            "--out",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    deadline = time.time() + 90
+    while not (tmp_path / "metrics.csv").exists() and time.time() < deadline:  # wait for training to run
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    start = time.time()
+    _, err = proc.communicate(timeout=30)
+    assert time.time() - start < 15
+    assert proc.returncode != 0 and "interrupted" in err and "Traceback" not in err
+    assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split() == []
+    assert read_rows(tmp_path / "metrics.csv")  # what was written stays
+
+
+def test_bench_measures_every_configuration(tmp_path):
+    from lctrun.bench import bench
+
+    frame = bench(
+        "cnn-small",
+        groups=2,
+        batch=16,
+        shape=(1, 28, 28),
+        methods=["bp", "lct"],
+        split=["conv2"],
+        steps=3,
+        warmup=1,
+        out_dir=tmp_path,
+    )
+    assert list(frame["config"]) == [
+        "bp 1 worker, 1 thread",
+        f"bp 1 worker, {os.cpu_count()} threads",
+        "bp model-parallel, 2 workers",
+        "lct 2 workers, pipelined",
+    ]
+    assert (frame["samples_per_s"] > 0).all() and frame["speedup_vs_bp_1t"].iloc[0] == 1.0
+    activation = 64 * 7 * 7 * 4  # conv2's output per sample
+    assert frame["bytes_per_sample"].iloc[2] == 2 * activation  # bp: activations forward, gradients back
+    assert frame["bytes_per_sample"].iloc[3] == activation + 4  # lct: activations forward, one loss back
+    assert list(tmp_path.glob("*cnn-small-k2.csv")) and list(tmp_path.glob("*cnn-small-k2.md"))

@@ -6,10 +6,10 @@ import difflib
 
 from lctrun.config import DataConfig
 from lctrun.data.bundle import DataBundle
-from lctrun.data.loader import Batch, TensorLoader
+from lctrun.data.loader import Batch, TensorLoader, test_loader, train_loader
 from lctrun.errors import ConfigError
 
-__all__ = ["DataBundle", "Batch", "TensorLoader", "load_data", "DATASETS"]
+__all__ = ["DataBundle", "Batch", "TensorLoader", "train_loader", "test_loader", "load_data", "DATASETS"]
 
 DATASETS = {
     "mnist": "MNIST digits, 28x28 grey, 60k/10k (torchvision files under the data root)",

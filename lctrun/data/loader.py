@@ -95,3 +95,33 @@ class TensorLoader:
             batch = Batch(x, self.y[idx].to(self.device, non_blocking=True), idx)
             self.data_seconds += time.perf_counter() - start
             yield batch
+
+
+def train_loader(bundle, batch_size: int, seed: int, device="cpu", load_x: bool = True) -> TensorLoader:
+    """Shuffled batches of a DataBundle's training split, with its standard augmentation."""
+    return TensorLoader(
+        bundle.train_x,
+        bundle.train_y,
+        batch_size,
+        shuffle=True,
+        mean=bundle.mean,
+        std=bundle.std,
+        augment=bundle.augment,
+        seed=seed,
+        device=device,
+        load_x=load_x,
+    )
+
+
+def test_loader(bundle, batch_size: int, device="cpu", load_x: bool = True) -> TensorLoader:
+    """The test split in order, normalised with the training statistics, never augmented."""
+    return TensorLoader(
+        bundle.test_x,
+        bundle.test_y,
+        batch_size,
+        shuffle=False,
+        mean=bundle.mean,
+        std=bundle.std,
+        device=device,
+        load_x=load_x,
+    )

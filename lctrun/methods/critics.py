@@ -81,9 +81,13 @@ def stashed_forward(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, d
 
 
 def step_from_stash(module: nn.Module, stash: dict[str, torch.Tensor], loss: torch.Tensor, opt) -> None:
-    """Backpropagate `loss` into the stashed weights, then step the module's own weights with it."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    for name, p in module.named_parameters():
-        p.grad = stash[name].grad
+    """Backpropagate `loss` into the stashed weights, then step the module's own weights with it.
+
+    Only the weights' gradients are asked for: the input's was taken at forward time, and a plain
+    backward() would compute it again (a second conv input-backward per step)."""
+    names = list(stash)
+    grads = torch.autograd.grad(loss, [stash[n] for n in names])
+    params = dict(module.named_parameters())
+    for name, grad in zip(names, grads, strict=True):
+        params[name].grad = grad
     opt.step()
