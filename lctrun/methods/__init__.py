@@ -39,15 +39,9 @@ def get_method(name: str) -> Method:
 
 
 def _load_all() -> None:
-    """Import the method modules that register themselves (kept lazy to keep `import lctrun` light)."""
-    import importlib
-
-    for module in ("lct", "dni", "layerpar"):
-        try:
-            importlib.import_module(f"lctrun.methods.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"lctrun.methods.{module}":
-                raise
+    """Import the method modules, which register themselves (lazily, to keep `import lctrun` light)."""
+    import lctrun.methods.dni  # noqa: F401
+    import lctrun.methods.lct  # noqa: F401
 
 
 @torch.no_grad()

@@ -111,7 +111,7 @@ class Stage:
         self.sched.step()
 
     def epoch_end(self) -> None:
-        pass
+        """Called once per epoch; learning-rate schedules advance per step, so nothing is due here."""
 
     @property
     def lr(self) -> float:
