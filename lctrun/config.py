@@ -25,7 +25,9 @@ class DataConfig:
     download: bool = False
     train_size: int | None = None  # take a subset of the training set (first N of a seeded permutation)
     test_size: int | None = None
-    augment: bool = True  # the dataset's standard augmentation (CIFAR: crop pad 4 + flip)
+    augment: bool | str = (
+        True  # true: the dataset's standard (CIFAR: crop+flip), false: none, or crop | flip | crop-flip
+    )
     batch_size: int = 128
     test_batch_size: int = 500
     shape: list[int] = field(default_factory=lambda: [3, 32, 32])  # fake data only
@@ -68,19 +70,19 @@ class CriticConfig:
 
 @dataclass
 class LayerParallelConfig:
-    """Penalty / augmented-Lagrangian layer-parallel training (METHODS.md section 4)."""
+    """Penalty / augmented-Lagrangian layer-parallel training (METHODS.md section 4, lctrun/methods/layerpar.py)."""
 
     beta: float = 1.0  # initial penalty weight
-    beta_growth: float = 2.0  # beta *= growth after every outer iteration (epoch)
+    beta_growth: float = 2.0  # beta *= growth after every parallel epoch (the outer iteration)
     beta_max: float = 1000.0
-    lambda_lr: float = 0.1  # step size of the auxiliary-variable gradient step
-    lambda_steps: int = 1
-    precision: str = "fp32"  # fp32 | bf16 | fp16: storage of lambda and mu
+    lambda_lr: float = 1.0  # eta, step size of the proximal auxiliary-variable update
+    precision: str = "fp32"  # fp32 | bf16 | fp16: storage of lambda, mu and the targets
     downsample: int = 1  # 1 | 2 | 4: spatial factor of what crosses / is stored at a boundary
-    filter: str = "avg"  # avg (average pool down, nearest up) | bilinear
-    sph: bool = False  # serial-parallel hybrid
-    parallel_epochs: int = 1  # per SPH cycle
-    serial_epochs: int = 1  # per SPH cycle
+    filter: str = "avg"  # avg (average pool down, nearest up) | bilinear (antialiased down, bilinear up)
+    sph: bool = False  # serial-parallel hybrid: alternate parallel and serial (backprop) phases
+    parallel_epochs: int = 1  # per SPH cycle, first
+    serial_epochs: int = 1  # per SPH cycle, second
+    cycles: int | None = None  # SPH cycles; when set, epochs must equal cycles * (parallel + serial epochs)
 
 
 @dataclass
@@ -244,6 +246,8 @@ def validate(cfg: Experiment) -> None:
         "layerpar.filter": (cfg.layerpar.filter, ["avg", "bilinear"]),
         "layerpar.downsample": (cfg.layerpar.downsample, [1, 2, 4]),
     }
+    if isinstance(cfg.data.augment, str):
+        choices["data.augment"] = (cfg.data.augment, ["none", "crop", "flip", "crop-flip"])
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, allowed))}")
@@ -256,6 +260,8 @@ def validate(cfg: Experiment) -> None:
         "critic.update_every": cfg.critic.update_every,
         "critic.channels": cfg.critic.channels,
         "eval_every": cfg.eval_every,
+        "layerpar.parallel_epochs": cfg.layerpar.parallel_epochs,
+        "layerpar.serial_epochs": cfg.layerpar.serial_epochs,
     }
     for key, value in positive.items():
         if value < 1:
@@ -268,6 +274,21 @@ def validate(cfg: Experiment) -> None:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if any(c < 1 for c in cfg.critic.convs):
         raise ConfigError(f"critic.convs entries must be >= 1, got {cfg.critic.convs}")
+    lp = cfg.layerpar
+    for key in ("beta", "beta_max", "lambda_lr"):
+        if getattr(lp, key) <= 0:
+            raise ConfigError(f"layerpar.{key} must be > 0, got {getattr(lp, key)}")
+    if lp.beta_growth < 1:
+        raise ConfigError(f"layerpar.beta_growth must be >= 1 (beta never shrinks), got {lp.beta_growth}")
+    if lp.cycles is not None:
+        per_cycle = lp.parallel_epochs + lp.serial_epochs
+        if not lp.sph:
+            raise ConfigError("layerpar.cycles is set but layerpar.sph is false (set layerpar.sph=true)")
+        if lp.cycles < 1 or cfg.epochs != lp.cycles * per_cycle:
+            raise ConfigError(
+                f"layerpar.cycles={lp.cycles} with {lp.parallel_epochs}+{lp.serial_epochs} epochs per cycle needs "
+                f"epochs={max(lp.cycles, 1) * per_cycle}, got epochs={cfg.epochs}"
+            )
     if cfg.workers is not None and cfg.workers < 1:
         raise ConfigError(f"workers must be >= 1, got {cfg.workers}")
     if cfg.threads_per_worker is not None and cfg.threads_per_worker < 1:

@@ -20,7 +20,7 @@ from lctrun.config import Experiment
 from lctrun.data import DataBundle, TensorLoader, load_data, test_loader, train_loader
 from lctrun.errors import ConfigError, LctrunError
 from lctrun.evaluation import test_metrics
-from lctrun.methods import Method, build_stage, get_method, group_shapes
+from lctrun.methods import EpochPlan, Method, build_stage, get_method, group_shapes
 from lctrun.models import build_model, split_groups
 from lctrun.models.chain import Group
 from lctrun.reporting import rundir
@@ -89,6 +89,27 @@ def make_loaders(p: Prepared, device: torch.device, load_x: bool = True) -> tupl
         train_loader(d, cfg.data.batch_size, cfg.seed, device, load_x),
         test_loader(d, cfg.data.test_batch_size, device, load_x),
     )
+
+
+def begin_epoch(p: Prepared, runtime, epoch: int, loader: TensorLoader) -> EpochPlan:
+    """Set up epoch `epoch` as the method plans it: augmentation, the stages' phase, a refresh pass."""
+    plan = p.method.plan(p.cfg, epoch)
+    loader.set_epoch(epoch)
+    loader.augment = p.data.augment if plan.augment else "none"
+    runtime.begin_epoch(plan)
+    if plan.refresh:
+        ordered = TensorLoader(
+            p.data.train_x,
+            p.data.train_y,
+            p.cfg.data.batch_size,
+            shuffle=False,
+            mean=p.data.mean,
+            std=p.data.std,
+            device=loader.device,
+            load_x=loader.load_x,
+        )
+        runtime.refresh(ordered)
+    return plan
 
 
 def make_serial_runtime(p: Prepared):
@@ -163,9 +184,9 @@ def train(
     ) as progress:
         for epoch in range(start_epoch + 1, cfg.epochs + 1):
             task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, info="")
-            train_loader.set_epoch(epoch)
             train_loader.data_seconds = 0.0
             start = time.perf_counter()
+            plan = begin_epoch(p, runtime, epoch, train_loader)
             metrics = runtime.train_epoch(train_loader, on_batch=lambda t=task: progress.advance(t))
             seconds = time.perf_counter() - start
             lr = runtime.lr
@@ -175,10 +196,10 @@ def train(
             rundir.save_checkpoint(ckpt_path, {"epoch": epoch, "runtime": runtime.state_dict()})
             if not main:
                 continue
-            row = {
-                "epoch": epoch,
-                **{f"train_{k}" if not k.startswith("g") else k: v for k, v in metrics.items()},
-            }
+            row = {"epoch": epoch}
+            if plan.phase != "train":
+                row.update(phase=plan.phase, augment=train_loader.augment, beta=plan.beta)
+            row.update({f"train_{k}" if not k.startswith("g") else k: v for k, v in metrics.items()})
             if result is not None:
                 row.update(test_metrics(result))
             row.update(

@@ -32,7 +32,10 @@ def test_defaults_without_a_file():
         ("optm.lr=0.1", ["unknown config key 'optm'", "optim"]),
         ("epochs=two", ["epochs", "expected int", "'two'"]),
         ("optim.lr=fast", ["optim.lr", "expected float"]),
-        ("data.augment=maybe", ["data.augment", "expected bool"]),
+        ("data.augment=maybe", ["data.augment='maybe'", "crop-flip"]),
+        ("layerpar.downsample=3", ["layerpar.downsample=3", "1, 2, 4"]),
+        ("layerpar.cycles=2", ["layerpar.cycles", "layerpar.sph=true"]),
+        ("layerpar.beta_growth=0.5", ["layerpar.beta_growth", ">= 1"]),
         ("model.split={a: 1}", ["model.split", "expected a list"]),
         ("epochs=0", ["epochs must be >= 1"]),
         ("optim.schedule=linear", ["optim.schedule", "multistep"]),
@@ -48,6 +51,12 @@ def test_bad_overrides_name_the_problem(override, words):
     assert "\n" not in message
     for word in words:
         assert word in message
+
+
+def test_sph_cycles_must_match_the_epochs():
+    with pytest.raises(ConfigError, match=r"layerpar.cycles=3 with 2\+1 epochs per cycle needs epochs=9, got epochs=4"):
+        load_experiment(None, ["epochs=4", "layerpar.sph=true", "layerpar.parallel_epochs=2", "layerpar.cycles=3"])
+    assert load_experiment(None, ["epochs=9", "layerpar.sph=true", "layerpar.parallel_epochs=2", "layerpar.cycles=3"])
 
 
 def test_bad_files(tmp_path):

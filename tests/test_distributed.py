@@ -53,6 +53,41 @@ def test_distributed_equals_serial(tmp_path, method, split):
     assert serial.final["test_acc"] == pytest.approx(dist.final["test_acc"], abs=0.01)  # eval through the workers
 
 
+@pytest.mark.parametrize(
+    "method, split",
+    [("penalty", ["conv2"]), ("al", ["conv1", "fc1"])],  # fc1's output is not spatial: sent unfiltered
+)
+def test_layer_parallel_distributed_equals_serial(tmp_path, method, split):
+    """Parallel phases (workers run ahead), a serial phase, a refresh, filters: the same as one process."""
+    overrides = TINY + [f"method={method}", f"model.split=[{','.join(split)}]", "epochs=4", "layerpar.sph=true"]
+    overrides += ["layerpar.parallel_epochs=2", "layerpar.downsample=2", "data.augment=crop"]
+    serial = run_training(load_experiment(None, overrides), run_dir=tmp_path / "serial")
+    dist = run_training(load_experiment(None, overrides + ["runtime=distributed"]), run_dir=tmp_path / "dist")
+    a = group_params(serial.run_dir, ["last.pt"])
+    b = group_params(dist.run_dir, [f"last.rank{r}.pt" for r in range(len(split) + 1)])
+    for x, y in zip(a, b, strict=True):
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)
+    for r, s in zip(serial.rows, dist.rows, strict=True):
+        assert r["phase"] == s["phase"] and r["train_loss"] == pytest.approx(s["train_loss"], rel=1e-4)
+        if r["phase"] == "parallel":
+            assert r["train_residual"] == pytest.approx(s["train_residual"], rel=1e-3)
+
+
+def test_downsampling_by_f_cuts_bytes_sent_by_f_squared(tmp_path):
+    """Measured by the channel counters in a parallel epoch, forward (states) and backward (targets)."""
+    sent = {}
+    for f in [1, 2, 4]:
+        overrides = ["data.name=fake", "data.shape=[3,16,16]", "data.train_size=64", "data.test_size=32"]
+        overrides += ["data.batch_size=32", "model.name=resnet8", "model.split=[layer1]", "method=penalty"]
+        cfg = load_experiment(None, overrides + [f"layerpar.downsample={f}", "runtime=distributed"])
+        workers = read_rows(run_training(cfg, run_dir=tmp_path / str(f)).run_dir / "workers.csv")
+        sent[f] = (workers[0]["bytes_sent"], workers[1]["bytes_sent"])
+    state = 16 * 16 * 16 * 4  # layer1's output per sample, fp32
+    assert sent[1] == (2 * 64 * state, 64 * state)  # refresh + epoch forward; one target per sample back
+    for f in [2, 4]:
+        assert sent[1][0] == f * f * sent[f][0] and sent[1][1] == f * f * sent[f][1]
+
+
 def test_counters_match_the_tensors_sent(tmp_path):
     cfg = load_experiment(None, TINY + ["method=lct", "model.split=[conv2]", "runtime=distributed"])
     result = run_training(cfg, run_dir=tmp_path)

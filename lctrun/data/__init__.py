@@ -39,11 +39,18 @@ def load_data(cfg: DataConfig, seed: int) -> DataBundle:
     elif cfg.name == "fake":
         from lctrun.data.fake import load_fake
 
-        return load_fake(cfg.shape, cfg.num_classes, cfg.train_size, cfg.test_size, seed)
+        return with_augmentation(load_fake(cfg.shape, cfg.num_classes, cfg.train_size, cfg.test_size, seed), cfg)
     else:
         near = difflib.get_close_matches(cfg.name, list(DATASETS), n=3)
         hint = f"did you mean {', '.join(near)}?" if near else f"known: {', '.join(DATASETS)}"
         raise ConfigError(f"unknown dataset '{cfg.name}': {hint}")
-    if not cfg.augment:
+    return with_augmentation(bundle, cfg).subset(cfg.train_size, cfg.test_size, seed)
+
+
+def with_augmentation(bundle: DataBundle, cfg: DataConfig) -> DataBundle:
+    """data.augment: true keeps the dataset's standard augmentation, false turns it off, a name sets it."""
+    if cfg.augment is False:
         bundle.augment = "none"
-    return bundle.subset(cfg.train_size, cfg.test_size, seed)
+    elif isinstance(cfg.augment, str):
+        bundle.augment = cfg.augment
+    return bundle

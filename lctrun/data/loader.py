@@ -75,7 +75,7 @@ class TensorLoader:
         x = to_unit_float(x.to(self.device, non_blocking=True))
         if generator is not None and self.augment != "none":
             if "crop" in self.augment:
-                x = random_crop(x, 4, generator)
+                x = random_crop(x, max(2, x.shape[-1] // 8), generator)  # CIFAR: pad 4; MNIST: pad 3
             if "flip" in self.augment:
                 x = random_flip(x, generator)
         if self.mean is not None and x.dim() == 4:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lctrun.errors import ConfigError
-from lctrun.methods.base import Method, Stage, StageContext, StepOut
+from lctrun.methods.base import EpochPlan, Method, Stage, StageContext, StepOut, Wire
 from lctrun.methods.bp import Backprop
 
 __all__ = [
@@ -16,6 +16,8 @@ __all__ = [
     "Stage",
     "StageContext",
     "StepOut",
+    "Wire",
+    "EpochPlan",
     "METHODS",
     "get_method",
     "group_shapes",
@@ -41,6 +43,7 @@ def get_method(name: str) -> Method:
 def _load_all() -> None:
     """Import the method modules, which register themselves (lazily, to keep `import lctrun` light)."""
     import lctrun.methods.dni  # noqa: F401
+    import lctrun.methods.layerpar  # noqa: F401
     import lctrun.methods.lct  # noqa: F401
 
 
@@ -64,9 +67,14 @@ def build_stage(p, k: int, device: torch.device) -> Stage:
     cfg = p.cfg
     steps_per_epoch = -(-len(p.data.train_y) // cfg.data.batch_size)
     in_shape, out_shape = p.shapes[k]
-    ctx = StageContext(cfg, k, len(p.groups), p.data.num_classes, in_shape, out_shape, device, steps_per_epoch)
+    num_samples = len(p.data.train_y)
+    ctx = StageContext(
+        cfg, k, len(p.groups), p.data.num_classes, in_shape, out_shape, device, steps_per_epoch, num_samples
+    )
     # Each stage initialises its auxiliary modules from its own stream, so that a worker that builds
     # only stage k gets the same critic as a process that builds every stage in turn.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed * 1009 + k + 1)
-        return p.method.make_stage(p.groups[k], ctx)
+        stage = p.method.make_stage(p.groups[k], ctx)
+    stage.wire = p.method.wire(ctx)
+    return stage

@@ -9,9 +9,11 @@ One training step of stage k:
     out.forward   -> the input of group k+1 (None for the last group)
     out.backward  -> message for group k-1, if it is ready now (None if it must wait for feedback)
     stage.feedback(msg)                  # msg: group k+1's backward message for this batch
-                                         # (only called when method.feedback is True); returns group
-                                         # k's own backward message if it was deferred (bp)
-Feedback for a batch arrives in the order the batches were stepped.
+                                         # (only called when stage.wire.feedback_shape is set); returns
+                                         # group k's own backward message if it was deferred (bp)
+Feedback for a batch arrives in the order the batches were stepped. `stage.wire` tells the runtime
+the shapes of the messages the stage receives and how far it may run ahead; a method whose messages
+change between epochs (the serial-parallel hybrid) changes it in `begin_epoch`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,25 @@ class StepOut:
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # sums over the batch
 
 
+@dataclass(frozen=True)
+class Wire:
+    """What a stage receives, per sample, and how many batches it may run ahead of its feedback."""
+
+    in_shape: tuple[int, ...]  # the forward message from group k-1 (the data for group 1)
+    feedback_shape: tuple[int, ...] | None  # the backward message from group k+1; None: no feedback
+    depth: int  # batches in flight before the stage must take the oldest batch's feedback
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What an epoch does, the same for every stage: its phase, augmentation, and a refresh pass first."""
+
+    phase: str = "train"  # train | parallel | serial (layer-parallel methods)
+    augment: bool = True
+    refresh: bool = False  # run stage.refresh_step over the training data before the epoch
+    beta: float | None = None  # layer-parallel methods: the penalty weight of this epoch
+
+
 @dataclass
 class StageContext:
     cfg: Experiment
@@ -44,6 +65,7 @@ class StageContext:
     out_shape: tuple[int, ...]  # per-sample shape of the group's output
     device: torch.device
     steps_per_epoch: int = 1
+    num_samples: int = 0  # training samples (methods with per-sample state size it by this)
 
     @property
     def first(self) -> bool:
@@ -75,6 +97,7 @@ class Stage:
     """Default stage: the group trained on the classification loss when last, else nothing local."""
 
     aux: nn.Module | None = None  # critic / head / synthesizer, owned by this stage
+    wire: Wire  # set by build_stage from the method; begin_epoch may change it
 
     def __init__(self, group: nn.Module, ctx: StageContext):
         self.ctx = ctx
@@ -109,6 +132,14 @@ class Stage:
         """Step the group's optimiser and its schedule (the auxiliary optimisers have none)."""
         self.opt.step()
         self.sched.step()
+
+    def begin_epoch(self, plan: EpochPlan) -> None:
+        """Called before each epoch (and before its refresh pass)."""
+
+    @torch.no_grad()
+    def refresh_step(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+        """A forward pass without learning, for methods that store per-sample state (plan.refresh)."""
+        return self.group(x)
 
     def epoch_end(self) -> None:
         """Called once per epoch; learning-rate schedules advance per step, so nothing is due here."""
@@ -157,6 +188,10 @@ class Stage:
             if "aux_opt" in state:
                 self.aux_opt.load_state_dict(state["aux_opt"])
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Per-sample state the method keeps besides modules and optimisers (auxiliary variables)."""
+        return []
+
     def modules(self) -> list[nn.Module]:
         return [self.group] + ([self.aux] if self.aux is not None else [])
 
@@ -173,6 +208,17 @@ class Method:
 
     def make_stage(self, group: nn.Module, ctx: StageContext) -> Stage:
         raise NotImplementedError
+
+    def wire(self, ctx: StageContext) -> Wire:
+        """The messages every stage of this method receives, from the method's flags."""
+        feedback = None
+        if self.feedback and not ctx.last:
+            feedback = () if self.message == "loss" else ctx.out_shape
+        return Wire(ctx.in_shape, feedback, ctx.cfg.pipeline_depth if self.pipelines else 1)
+
+    def plan(self, cfg: Experiment, epoch: int) -> EpochPlan:
+        """What epoch `epoch` (from 1) does; the same every epoch unless a method has phases."""
+        return EpochPlan(augment=cfg.data.augment)
 
     def aux_module(self, out_shape: tuple[int, ...], cfg: Experiment, num_classes: int) -> nn.Module | None:
         """The module this method attaches after a group with this output shape (for balancing cuts)."""

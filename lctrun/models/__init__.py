@@ -13,6 +13,7 @@ from lctrun.models.cnn import cnn_small
 from lctrun.models.lstm import lstm_lm, lstm_seq
 from lctrun.models.resnet import (
     preact_resnet101,
+    resnet8,
     resnet20,
     resnet32,
     resnet56,
@@ -36,6 +37,9 @@ MODELS: dict[str, ModelSpec] = {
     "cnn-small": ModelSpec(cnn_small, "3 conv-BN-pool stages + 2 FC, for 28x28 inputs (MNIST baseline)", ("conv2",)),
     "vgg-lct": ModelSpec(
         vgg_lct, "VGG-like 6-conv BN CNN + 2 FC of the LCT ICLR experiments", ("conv2", "conv4", "conv6")
+    ),
+    "resnet8": ModelSpec(
+        resnet8, "CIFAR ResNet-8, one basic block per stage, 16/32/64 channels (0.08M)", ("layer1", "layer2")
     ),
     "resnet20": ModelSpec(resnet20, "CIFAR ResNet-20, basic blocks, 16/32/64 channels (0.27M)", ("layer1", "layer2")),
     "resnet32": ModelSpec(resnet32, "CIFAR ResNet-32, basic blocks, 16/32/64 channels (0.46M)", ("layer1", "layer2")),

@@ -119,6 +119,7 @@ def cifar_resnet(depth: int, num_classes: int, in_shape: tuple[int, ...]) -> Cha
     return _resnet(BasicBlock, (16, 16, 32, 64), (n, n, n), (1, 2, 2), num_classes, in_shape[0], preact=False)
 
 
+resnet8 = partial(cifar_resnet, 8)  # one block per stage: the smallest, for CPU runs on MNIST
 resnet20 = partial(cifar_resnet, 20)
 resnet32 = partial(cifar_resnet, 32)
 resnet56 = partial(cifar_resnet, 56)

@@ -38,7 +38,8 @@ def tensor_bytes(tensors) -> int:
 
 
 def state_account(stage: Stage) -> dict[str, float]:
-    """MB of parameters, gradients and optimiser state of a stage's group and auxiliary modules."""
+    """MB of parameters, gradients and optimiser state of a stage's group and auxiliary modules, and of
+    the per-sample auxiliary variables it stores (penalty / al)."""
     params = [p for m in stage.modules() for p in m.parameters()]
     optimizers = [stage.opt] + ([stage.aux_opt] if getattr(stage, "aux_opt", None) is not None else [])
     opt_state = sum(tensor_bytes(s.values()) for o in optimizers for s in o.state.values())
@@ -47,4 +48,5 @@ def state_account(stage: Stage) -> dict[str, float]:
         "params_mb": round(tensor_bytes(params) / mb, 3),
         "grads_mb": round(tensor_bytes(p for p in params if p.requires_grad) / mb, 3),
         "optim_mb": round(opt_state / mb, 3),
+        "aux_vars_mb": round(tensor_bytes(stage.state_tensors()) / mb, 3),
     }

@@ -25,10 +25,10 @@ def stage_prefix(k: int, num_groups: int) -> str:
 
 
 def averages(total: dict[str, torch.Tensor], samples: int) -> dict[str, float]:
-    """Turn summed losses and correct counts into means and accuracies (%)."""
+    """Turn summed losses, residuals and correct counts into means and accuracies (%)."""
     out = {}
     for key, value in total.items():
-        if key.endswith("loss"):
+        if key.endswith(("loss", "residual")):
             out[key] = float(value) / max(samples, 1)
         elif key.endswith("correct"):
             out[key[: -len("correct")] + "acc"] = 100.0 * float(value) / max(samples, 1)

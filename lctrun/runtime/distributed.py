@@ -6,6 +6,7 @@ Worker k holds stage k only. Per batch it receives its input from worker k-1, st
 output to worker k+1 and its backward message to worker k-1. With pipeline_depth D it runs ahead up
 to D batches before it must take group k+1's feedback for the oldest one (D=1: synchronous, the same
 updates as the serial runtime). Methods that defer their backward message (bp) always run with D=1.
+The stage's `wire` gives the message shapes and D for the epoch (they change between SPH phases).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from rich.console import Console
 from lctrun.config import Experiment
 from lctrun.data import TensorLoader
 from lctrun.errors import ConfigError
-from lctrun.methods import Method, Stage
+from lctrun.methods import EpochPlan, Method, Stage
 from lctrun.runtime.accounting import SavedTensors, state_account
 from lctrun.runtime.base import EvalOutput, add_metrics, averages, stage_prefix
 from lctrun.runtime.memory import PeakMemory
@@ -34,14 +35,13 @@ from lctrun.runtime.transport import BACKWARD, EVAL, FORWARD, Channel
 
 
 class DistributedRuntime:
-    def __init__(self, method: Method, stage: Stage, shapes: list, pipeline_depth: int):
+    def __init__(self, method: Method, stage: Stage, shapes: list):
         self.method, self.stage = method, stage
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.needs_inputs = self.rank == 0  # the other workers receive their inputs
         self.first, self.last = self.rank == 0, self.rank == self.world - 1
-        self.in_shape, self.out_shape = shapes[self.rank]
-        self.depth = pipeline_depth if method.pipelines else 1
+        self.in_shape = shapes[self.rank][0]  # evaluation messages: the plain model's states
         self.channel = Channel(stage.device)
         self.memory = PeakMemory(stage.device)
         self.account: dict[str, float] = {}
@@ -50,25 +50,26 @@ class DistributedRuntime:
         self.fault = InjectedFault.from_env(self.rank)
 
     # -- training -------------------------------------------------------------------------------
-    def _input(self, batch, tag: int) -> torch.Tensor:
+    def _input(self, batch, tag: int, shape: tuple[int, ...]) -> torch.Tensor:
         if self.first:
             return batch.x
-        return self.channel.recv((len(batch.y), *self.in_shape), self.rank - 1, tag)
+        return self.channel.recv((len(batch.y), *shape), self.rank - 1, tag)
 
     def _take_feedback(self, batch_size: int) -> None:
-        shape = (batch_size,) if self.method.message == "loss" else (batch_size, *self.out_shape)
+        shape = (batch_size, *self.stage.wire.feedback_shape)
         deferred = self.stage.feedback(self.channel.recv(shape, self.rank + 1, BACKWARD))
         if deferred is not None and not self.first:
             self.channel.send(deferred, self.rank - 1, BACKWARD)
 
     def train_epoch(self, loader: TensorLoader, on_batch=None) -> dict[str, float]:
         self.stage.train(True)
+        wire = self.stage.wire
         total: dict[str, torch.Tensor] = {}
         waiting: deque[int] = deque()  # batch sizes still owed feedback, oldest first
         samples, start = 0, time.perf_counter()
         for step, batch in enumerate(loader, 1):
             self.fault.check(step)
-            x = self._input(batch, FORWARD)
+            x = self._input(batch, FORWARD, wire.in_shape)
             y = batch.y.to(self.stage.device, non_blocking=True)
             if not self.account:
                 with SavedTensors() as saved:
@@ -81,9 +82,9 @@ class DistributedRuntime:
                 self.channel.send(out.forward, self.rank + 1, FORWARD)
             if out.backward is not None and not self.first:
                 self.channel.send(out.backward, self.rank - 1, BACKWARD)
-            if self.method.feedback and not self.last:
+            if wire.feedback_shape is not None:
                 waiting.append(len(batch.y))
-                while len(waiting) >= self.depth:
+                while len(waiting) >= wire.depth:
                     self._take_feedback(waiting.popleft())
             samples += len(batch.y)
             if on_batch:
@@ -113,13 +114,25 @@ class DistributedRuntime:
         self.worker_stats = [s for _, s in gathered]
         return averages(merged, samples)
 
+    def begin_epoch(self, plan: EpochPlan) -> None:
+        self.stage.begin_epoch(plan)
+
+    @torch.no_grad()
+    def refresh(self, loader: TensorLoader) -> None:
+        """A forward pass along the chain (its traffic counts towards the next epoch's)."""
+        self.stage.train(True)
+        for batch in loader:
+            h = self.stage.refresh_step(self._input(batch, FORWARD, self.stage.wire.in_shape), batch.idx)
+            if not self.last:
+                self.channel.send(h, self.rank + 1, FORWARD)
+
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, loader: TensorLoader) -> EvalOutput | None:
         self.stage.train(False)
         logits, labels = [], []
         for batch in loader:
-            h, aux = self.stage.eval_forward(self._input(batch, EVAL))
+            h, aux = self.stage.eval_forward(self._input(batch, EVAL, self.in_shape))
             if not self.last:
                 self.channel.send(h, self.rank + 1, EVAL)
             mine = h if self.last else aux
@@ -223,7 +236,7 @@ def run_worker(cfg: Experiment, rank: int, world: int, local_rank: int, init_met
             )
         group_devices(cfg, world)
         stage = build_stage(p, rank, device)
-        runtime = DistributedRuntime(p.method, stage, p.shapes, cfg.pipeline_depth)
+        runtime = DistributedRuntime(p.method, stage, p.shapes)
         return job(p, runtime, Console() if rank == 0 else Console(quiet=True))
     finally:
         dist.destroy_process_group()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from lctrun.data import TensorLoader
-from lctrun.methods import Method, Stage
+from lctrun.methods import EpochPlan, Method, Stage
 from lctrun.runtime.accounting import SavedTensors, state_account
 from lctrun.runtime.base import EvalOutput, add_metrics, averages, stage_prefix
 from lctrun.runtime.memory import PeakMemory
@@ -37,8 +37,8 @@ class SerialRuntime:
             out = stage.train_step(to(x, stage.device), to(y, stage.device), idx)
             add_metrics(total, out.metrics, stage_prefix(k, K))
             backward[k], x = out.backward, out.forward
-        if self.method.feedback:
-            for k in range(K - 2, -1, -1):
+        for k in range(K - 2, -1, -1):
+            if self.stages[k].wire.feedback_shape is not None:
                 deferred = self.stages[k].feedback(to(backward[k + 1], self.stages[k].device))
                 if deferred is not None:
                     backward[k] = deferred
@@ -77,6 +77,19 @@ class SerialRuntime:
             }
         ]
         return averages(total, samples)
+
+    def begin_epoch(self, plan: EpochPlan) -> None:
+        for stage in self.stages:
+            stage.begin_epoch(plan)
+
+    @torch.no_grad()
+    def refresh(self, loader: TensorLoader) -> None:
+        for stage in self.stages:
+            stage.train(True)
+        for batch in loader:
+            h = batch.x
+            for stage in self.stages:
+                h = stage.refresh_step(to(h, stage.device), batch.idx)
 
     @torch.no_grad()
     def evaluate(self, loader: TensorLoader) -> EvalOutput:
