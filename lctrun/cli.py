@@ -122,6 +122,33 @@ def bench(
     )
 
 
+@app.command()
+def reproduce(
+    table: str = typer.Argument(None, help="Table name (see --list), e.g. lct-iclr-table1."),
+    scale: str = typer.Option(
+        "small", "--scale", help="smoke (seconds) | small (CPU, <= 30 min) | paper (GPUs, CIFAR)."
+    ),
+    list_tables: bool = typer.Option(False, "--list", help="Show the tables and exit."),
+    out: Path = typer.Option(
+        Path("results/tables"), "--out", help="Tables go to OUT/<table>-<scale>/, runs to OUT/runs/."
+    ),
+) -> None:
+    """Re-run a published table at a scale and show our numbers beside the paper's (runs are cached)."""
+    import pandas as pd
+
+    from lctrun.reporting.tables import rich_table
+    from lctrun.reproduce import load_table, table_names
+    from lctrun.reproduce import reproduce as run_reproduce
+
+    if list_tables or table is None:
+        rows = [(n, (t := load_table(n)).title, len(t.runs)) for n in table_names()]
+        console.print(rich_table(pd.DataFrame(rows, columns=["table", "title", "runs"]), title="tables"))
+        if table is None and not list_tables:
+            console.print("give a table name: lctrun reproduce TABLE --scale smoke|small|paper")
+        return
+    run_reproduce(table, scale, out, console)
+
+
 @app.command("list")
 def list_things() -> None:
     """The experiments, datasets, models and methods that exist."""

@@ -21,9 +21,9 @@ from lctrun.models.resnet import (
     wide_resnet,
     wrn_blocks_per_stage,
 )
-from lctrun.models.vgg import vgg_lct
+from lctrun.models.vgg import vgg_lct, vgg_lct_small
 
-__all__ = ["ChainModel", "Group", "Stage", "split_groups", "build_model", "model_names", "MODELS"]
+__all__ = ["ChainModel", "Group", "Stage", "split_groups", "build_model", "find_model", "model_names", "MODELS"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ MODELS: dict[str, ModelSpec] = {
     "cnn-small": ModelSpec(cnn_small, "3 conv-BN-pool stages + 2 FC, for 28x28 inputs (MNIST baseline)", ("conv2",)),
     "vgg-lct": ModelSpec(
         vgg_lct, "VGG-like 6-conv BN CNN + 2 FC of the LCT ICLR experiments", ("conv2", "conv4", "conv6")
+    ),
+    "vgg-lct-small": ModelSpec(
+        vgg_lct_small, "vgg-lct at a quarter of the width (32..128 channels), for CPU runs", ("conv2", "conv4", "conv6")
     ),
     "resnet8": ModelSpec(
         resnet8, "CIFAR ResNet-8, one basic block per stage, 16/32/64 channels (0.08M)", ("layer1", "layer2")
@@ -94,8 +97,12 @@ def model_names() -> list[tuple[str, str]]:
     return [(name, spec.description) for name, spec in MODELS.items()] + list(FAMILY_PATTERNS.items())
 
 
+def find_model(name: str) -> ModelSpec | None:
+    return MODELS.get(name) or _wrn_spec(name)
+
+
 def build_model(name: str, num_classes: int, in_shape: tuple[int, ...]) -> ChainModel:
-    spec = MODELS.get(name) or _wrn_spec(name)
+    spec = find_model(name)
     if spec is None:
         import difflib
 

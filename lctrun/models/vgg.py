@@ -13,19 +13,25 @@ from lctrun.models.chain import ChainModel
 from lctrun.models.cnn import conv_bn_relu
 
 
-def vgg_lct(num_classes: int, in_shape: tuple[int, ...]) -> ChainModel:
+def vgg_lct(num_classes: int, in_shape: tuple[int, ...], width: int = 128) -> ChainModel:
     c, h, w = in_shape
+    a, b, d = width, 2 * width, 4 * width
     pool = lambda block: nn.Sequential(block, nn.MaxPool2d(2))
     return ChainModel(
         dict(
-            conv1=conv_bn_relu(c, 128),
-            conv2=pool(conv_bn_relu(128, 128)),
-            conv3=conv_bn_relu(128, 256),
-            conv4=pool(conv_bn_relu(256, 256)),
-            conv5=conv_bn_relu(256, 512),
-            conv6=pool(conv_bn_relu(512, 512)),
+            conv1=conv_bn_relu(c, a),
+            conv2=pool(conv_bn_relu(a, a)),
+            conv3=conv_bn_relu(a, b),
+            conv4=pool(conv_bn_relu(b, b)),
+            conv5=conv_bn_relu(b, d),
+            conv6=pool(conv_bn_relu(d, d)),
             # three floor-halvings: 32 -> 4, 28 -> 3
-            fc1=nn.Sequential(nn.Flatten(), nn.Linear(512 * (h // 8) * (w // 8), 1024), nn.ReLU(inplace=True)),
-            head=nn.Linear(1024, num_classes),
+            fc1=nn.Sequential(nn.Flatten(), nn.Linear(d * (h // 8) * (w // 8), 8 * width), nn.ReLU(inplace=True)),
+            head=nn.Linear(8 * width, num_classes),
         )
     )
+
+
+def vgg_lct_small(num_classes: int, in_shape: tuple[int, ...]) -> ChainModel:
+    """The same layers at a quarter of the width (32..128 channels, 256 hidden): for CPU-scale tables."""
+    return vgg_lct(num_classes, in_shape, width=32)

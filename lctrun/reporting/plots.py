@@ -6,6 +6,7 @@ commands (compare, bench, reproduce) only gather numbers and pick a file name.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,3 +70,21 @@ def line_plot(
 def accuracy_per_epoch(curves: Mapping[str, Curve], path: Path, title: str = "") -> Path:
     """Test accuracy (%) per epoch, one line per method (mean over seeds, std shaded)."""
     return line_plot(curves, path, xlabel="epoch", ylabel="test accuracy (%)", title=title, integer_x=True)
+
+
+def bar_plot(
+    names: Sequence[str], series: Mapping[str, Sequence[float]], path: Path, ylabel: str, title: str = ""
+) -> Path:
+    """Grouped bars: one group per name, one bar per series (e.g. ours and the paper's)."""
+    fig, ax = new_figure(max(6.4, 0.6 * len(names) * max(len(series), 1)), 4.6)
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([j + i * width for j in range(len(names))], list(values), width, label=label)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(names))])
+    ax.set_xticklabels(list(names), rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(textwrap.fill(title, 90), fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()
+    return save(fig, path)
