@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -46,19 +47,36 @@ def find_experiment(name: str) -> Path:
 
 @app.command()
 def train(
-    experiment: str = typer.Argument(..., help="Experiment YAML (path, or name under experiments/)."),
+    experiment: str = typer.Argument(None, help="Experiment YAML (path, or name under experiments/)."),
     overrides: list[str] = typer.Argument(None, help="Dotted KEY=VALUE overrides, e.g. optim.lr=0.05 epochs=2."),
     out: Path = typer.Option(None, "--out", help="Run directory (default results/runs/<time>-<name>-<method>)."),
-    resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its checkpoint."),
+    resume: Path = typer.Option(
+        None, "--resume", help="Continue the run in this directory from its last checkpoint (its own config)."
+    ),
 ) -> None:
-    """Train one experiment."""
+    """Train one experiment, or continue one: lctrun train --resume RUN_DIR [epochs=N]."""
     import pandas as pd
 
-    from lctrun.config import load_experiment
-    from lctrun.launch import run_training
+    from lctrun.config import ConfigError, load_experiment
+    from lctrun.launch import check_new_run_dir, resumed_config, run_training
     from lctrun.reporting.tables import rich_table, run_summary
 
-    cfg = load_experiment(find_experiment(experiment), overrides or [])
+    if resume is not None:
+        if out is not None:
+            raise ConfigError("give --resume RUN_DIR or --out RUN_DIR, not both (a resumed run stays where it is)")
+        if experiment is not None and "=" in experiment:  # `train --resume RUN epochs=5`: only overrides
+            overrides, experiment = [experiment, *(overrides or [])], None
+        cfg = (
+            resumed_config(resume, overrides or [])
+            if experiment is None
+            else load_experiment(find_experiment(experiment), overrides or [])
+        )
+    elif experiment is None:
+        raise ConfigError("give an experiment (see `lctrun list`), or --resume RUN_DIR to continue a run")
+    else:
+        cfg = load_experiment(find_experiment(experiment), overrides or [])
+        if out is not None:
+            check_new_run_dir(out)
     result = run_training(cfg, run_dir=resume or out, resume=resume is not None, console=console)
     if result is not None and result.rows:
         console.print(run_summary(result.rows, result.run_dir))
@@ -180,7 +198,12 @@ def list_things() -> None:
         console.print(f"  {name:28} {method.description}")
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # a scheduler's stop is handled like Ctrl-C: keep what is written, say how to resume
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         app()
     except LctrunError as e:

@@ -2,7 +2,7 @@
 
 Layout of the output directory (default results/compare/<time>-<name>/):
 
-    <method>-s<seed>/   one ordinary run directory per run (config.yaml, env.json, metrics.csv, last.pt)
+    <method>-s<seed>/   one ordinary run directory per run (config.yaml, env.json, metrics.csv, ckpt-eN.pt)
     runs.csv            one row per run: its final/best test accuracy, sub-model accuracies, time, memory
     summary.csv         one row per method: the runs.csv numbers, mean (and std) over seeds
     summary.md          the same table, under a header saying what was run, where and when

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from lctrun.errors import ConfigError
+from lctrun.errors import ConfigError, quoted
 
 
 @dataclass
@@ -160,7 +160,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
     near = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(prefix + n for n in near)}?" if near else f"valid keys: {', '.join(valid)}"
-    return ConfigError(f"unknown config key '{prefix}{key}': {hint}")
+    return ConfigError(f"unknown config key {quoted(prefix + str(key))}: {hint}")
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
@@ -180,10 +180,10 @@ def to_dict(cfg: Any) -> dict:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not KEY=VALUE (e.g. optim.lr=0.05)")
+        raise ConfigError(f"override {quoted(text)} is not KEY=VALUE (e.g. optim.lr=0.05)")
     key, raw = text.split("=", 1)
     if not key.strip():
-        raise ConfigError(f"override '{text}' has an empty key (use KEY=VALUE, e.g. epochs=2)")
+        raise ConfigError(f"override {quoted(text)} has an empty key (use KEY=VALUE, e.g. epochs=2)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -202,11 +202,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 sections = [n for n, t in hints.items() if dataclasses.is_dataclass(t)]
                 if part not in hints:
                     raise _unknown_key(part, sections, ".".join(path[:depth]) + ("." if depth else ""))
-                raise ConfigError(f"'{'.'.join(path[: depth + 1])}' is not a section; write {part}=VALUE")
+                raise ConfigError(f"{quoted('.'.join(path[: depth + 1]))} is not a section; write {quoted(part)}=VALUE")
             cls = hints[part]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"'{'.'.join(path[: depth + 1])}' must be a mapping in the experiment file")
+                raise ConfigError(f"{quoted('.'.join(path[: depth + 1]))} must be a mapping in the experiment file")
         node[path[-1]] = value
     return data
 
@@ -223,7 +223,8 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())  # yaml's reader errors span lines
+            raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: an experiment must be a YAML mapping of config keys")
         data.setdefault("name", path.stem)
@@ -270,6 +271,8 @@ def validate(cfg: Experiment) -> None:
         value = getattr(cfg.data, key)
         if value is not None and value < 1:
             raise ConfigError(f"data.{key} must be >= 1 (or null for the whole set), got {value}")
+    if len(cfg.data.shape) != 3 or any(v < 1 for v in cfg.data.shape):
+        raise ConfigError(f"data.shape must be [C, H, W] with sizes >= 1 (e.g. [3, 32, 32]), got {cfg.data.shape}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if any(c < 1 for c in cfg.critic.convs):

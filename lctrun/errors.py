@@ -11,3 +11,9 @@ class ConfigError(LctrunError):
 
 class DataNotFoundError(LctrunError):
     pass
+
+
+def quoted(text) -> str:
+    """User text inside a one-line message: as typed when printable, else escaped (no raw newlines)."""
+    text = str(text)
+    return f"'{text}'" if text.isprintable() else repr(text)

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lctrun.config import Experiment
-from lctrun.train import RunResult, train
+from lctrun.config import ConfigError, Experiment, load_experiment, to_dict
+from lctrun.train import RunResult, resume_hint, train
+
+RESUMABLE = {"epochs", "eval_every"}  # may change on resume: train longer, evaluate more often
 
 
 def run_training(
@@ -19,6 +21,8 @@ def run_training(
     isolated: bool = False,
 ) -> RunResult:
     """`isolated`: run a serial run in a fresh process, so that its peak memory is its own."""
+    if resume and run_dir is not None:
+        check_same_config(cfg, Path(run_dir))
     if cfg.runtime == "distributed":
         from lctrun.runtime.distributed import launch
 
@@ -28,7 +32,7 @@ def run_training(
         from lctrun.runtime.processes import run_processes
 
         run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
-        return run_processes(IsolatedRun(cfg, run_dir, resume), 1, "run", f"; outputs so far: {run_dir}", console)
+        return run_processes(IsolatedRun(cfg, run_dir, resume), 1, "run", lambda: resume_hint(run_dir), console)
     return train(cfg, run_dir=run_dir, resume=resume, console=console)
 
 
@@ -40,3 +44,44 @@ class IsolatedRun:
 
     def __call__(self, rank: int) -> RunResult:
         return train(self.cfg, run_dir=self.run_dir, resume=self.resume, console=Console())
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def check_same_config(cfg: Experiment, run_dir: Path) -> None:
+    """A resumed run continues the config it was started with (only its length may change)."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return  # nothing ran there yet: a resume starts it
+    saved, now = flatten(to_dict(load_experiment(saved_path))), flatten(to_dict(cfg))
+    changed = [k for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
+    if changed:
+        what = ", ".join(f"{k}={saved.get(k)!r} in the run but {now[k]!r} now" for k in changed[:3])
+        raise ConfigError(
+            f"--resume {run_dir}: the config differs from the run's ({what}); resume with the run's own config "
+            f"(lctrun train --resume {run_dir}) or start a new run"
+        )
+
+
+def resumed_config(run_dir: Path, overrides: list[str]) -> Experiment:
+    """The config of the run in `run_dir`, with overrides (e.g. epochs=10 to train longer)."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml there)")
+    return load_experiment(run_dir / "config.yaml", overrides)
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Never train over a run by accident: a directory with checkpoints is continued with --resume."""
+    if (run_dir / "metrics.csv").exists() or any(run_dir.glob("ckpt-e*.pt")):
+        raise ConfigError(
+            f"--out {run_dir} already holds a run; continue it with: lctrun train --resume {run_dir} "
+            f"(or give another --out)"
+        )

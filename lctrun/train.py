@@ -71,16 +71,26 @@ def prepare(cfg: Experiment, check_devices: bool = True) -> Prepared:
     method = get_method(cfg.method)
     data = load_data(cfg.data, cfg.seed)
     seed_everything(cfg.seed)
-    model = build_model(cfg.model.name, data.num_classes, data.in_shape)
-    sample = None
-    if cfg.model.balance in ("time", "flops"):
-        loader = TensorLoader(data.train_x, data.train_y, min(cfg.data.batch_size, len(data.train_y)), shuffle=False)
-        sample = next(iter(loader)).x
-    aux_for = lambda shape: method.aux_module(shape, cfg, data.num_classes)  # noqa: E731
-    groups = split_groups(model, cfg.model.split, cfg.model.groups, cfg.model.balance, sample, aux_for)
+    try:  # building and cutting run the model on a sample: inputs too small for it fail here
+        model = build_model(cfg.model.name, data.num_classes, data.in_shape)
+        sample = None
+        if cfg.model.balance in ("time", "flops"):
+            loader = TensorLoader(
+                data.train_x, data.train_y, min(cfg.data.batch_size, len(data.train_y)), shuffle=False
+            )
+            sample = next(iter(loader)).x
+        aux_for = lambda shape: method.aux_module(shape, cfg, data.num_classes)  # noqa: E731
+        groups = split_groups(model, cfg.model.split, cfg.model.groups, cfg.model.balance, sample, aux_for)
+        shapes = group_shapes(groups, data.in_shape)
+    except RuntimeError as e:
+        problem = " ".join(str(e).split())[:200]
+        raise ConfigError(
+            f"model {cfg.model.name} cannot run on {cfg.data.name} inputs of shape {list(data.in_shape)}: {problem} "
+            f"(use larger inputs or a model made for them)"
+        ) from None
     devices = group_devices(cfg, len(groups)) if check_devices else []
     names = [g.block_names for g in groups]
-    return Prepared(cfg, data, groups, method, group_shapes(groups, data.in_shape), devices, names)
+    return Prepared(cfg, data, groups, method, shapes, devices, names)
 
 
 def make_loaders(p: Prepared, device: torch.device, load_x: bool = True) -> tuple[TensorLoader, TensorLoader]:
@@ -140,6 +150,53 @@ def check_finite(metrics: dict[str, float], cfg: Experiment, epoch: int) -> None
         )
 
 
+def metrics_row(epoch, plan, loader, metrics, result, lr, seconds, runtime) -> dict:
+    """One line of metrics.csv."""
+    row = {"epoch": epoch}
+    if plan.phase != "train":
+        row.update(phase=plan.phase, augment=loader.augment, beta=plan.beta)
+    row.update({f"train_{k}" if not k.startswith("g") else k: v for k, v in metrics.items()})
+    if result is not None:
+        row.update(test_metrics(result))
+    row.update(
+        lr=lr,
+        seconds=round(seconds, 3),
+        samples_per_s=round(len(loader.y) / seconds, 1),
+        data_seconds=round(loader.data_seconds, 3),
+        peak_mem_mb=max(s["peak_mem_mb"] for s in runtime.worker_stats),
+    )
+    return row
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(run_dir: Path, epoch: int, runtime) -> None:
+    """This worker's state after `epoch`; older checkpoints go once every worker has this one."""
+    state = {"epoch": epoch, "runtime": runtime.state_dict(), "rng": rng_state()}
+    rundir.save_checkpoint(rundir.checkpoint_path(run_dir, epoch, runtime.checkpoint_tag), state)
+    runtime.barrier()
+    rundir.drop_checkpoints_before(run_dir, epoch, runtime.checkpoint_tag)
+
+
+def resume_hint(run_dir: Path) -> str:
+    """How to continue a stopped run ("" when no epoch had finished: there is nothing to continue)."""
+    epoch = rundir.resumable_epoch(run_dir)
+    if not epoch:
+        return ""
+    return f"; {run_dir} keeps epochs 1-{epoch}; continue with: lctrun train --resume {run_dir}"
+
+
+def interrupted_message(run_dir: Path, epoch: int) -> str:
+    return f"interrupted in epoch {epoch}{resume_hint(run_dir) or '; no epoch had finished'}"
+
+
 def train(
     cfg: Experiment,
     run_dir: Path | None = None,
@@ -153,13 +210,15 @@ def train(
     runtime = runtime or make_serial_runtime(p)
     main = runtime.is_main
     run_dir = Path(runtime.agree(str(run_dir or rundir.default_run_dir(cfg))))
-    ckpt_path, metrics_path = run_dir / runtime.checkpoint_name, run_dir / "metrics.csv"
+    metrics_path, tag = run_dir / "metrics.csv", runtime.checkpoint_tag
 
     start_epoch, rows = 0, []
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if resume:
+        start_epoch = rundir.common_epoch(runtime.gather(rundir.checkpoint_epochs(run_dir, tag)))
+    if start_epoch:
+        state = torch.load(rundir.checkpoint_path(run_dir, start_epoch, tag), map_location="cpu", weights_only=False)
         runtime.load_state_dict(state["runtime"])
-        start_epoch = state["epoch"]
+        restore_rng(state["rng"])
         rows = [r for r in rundir.read_rows(metrics_path) if r["epoch"] <= start_epoch]
         if main:
             console.print(f"resuming {run_dir} after epoch {start_epoch}")
@@ -182,40 +241,35 @@ def train(
         disable=not main,
         transient=False,
     ) as progress:
-        for epoch in range(start_epoch + 1, cfg.epochs + 1):
-            task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, info="")
-            train_loader.data_seconds = 0.0
-            start = time.perf_counter()
-            plan = begin_epoch(p, runtime, epoch, train_loader)
-            metrics = runtime.train_epoch(train_loader, on_batch=lambda t=task: progress.advance(t))
-            seconds = time.perf_counter() - start
-            lr = runtime.lr
-            runtime.epoch_end()
-            evaluate = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
-            result = runtime.evaluate(test_loader) if evaluate else None
-            rundir.save_checkpoint(ckpt_path, {"epoch": epoch, "runtime": runtime.state_dict()})
+        epoch = start_epoch
+        try:
+            for epoch in range(start_epoch + 1, cfg.epochs + 1):
+                task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, info="")
+                train_loader.data_seconds = 0.0
+                start = time.perf_counter()
+                plan = begin_epoch(p, runtime, epoch, train_loader)
+                metrics = runtime.train_epoch(train_loader, on_batch=lambda t=task: progress.advance(t))
+                seconds = time.perf_counter() - start
+                lr = runtime.lr
+                runtime.epoch_end()
+                evaluate = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+                result = runtime.evaluate(test_loader) if evaluate else None
+                if main:
+                    row = metrics_row(epoch, plan, train_loader, metrics, result, lr, seconds, runtime)
+                    check_finite(row, cfg, epoch)
+                    # rows first, then the checkpoint: a resume drops rows after its epoch, so none is
+                    # lost or written twice whichever write an interruption falls between
+                    rows.append(row)
+                    rundir.write_rows(metrics_path, rows)
+                    worker_rows += [{"epoch": epoch, **s} for s in runtime.worker_stats]
+                    rundir.write_rows(run_dir / "workers.csv", worker_rows)
+                    info = f"loss {row['train_loss']:.3f}"
+                    progress.update(task, info=info + (f" test {row['test_acc']:.2f}%" if "test_acc" in row else ""))
+                save_checkpoint(run_dir, epoch, runtime)
+        except KeyboardInterrupt:
             if not main:
-                continue
-            row = {"epoch": epoch}
-            if plan.phase != "train":
-                row.update(phase=plan.phase, augment=train_loader.augment, beta=plan.beta)
-            row.update({f"train_{k}" if not k.startswith("g") else k: v for k, v in metrics.items()})
-            if result is not None:
-                row.update(test_metrics(result))
-            row.update(
-                lr=lr,
-                seconds=round(seconds, 3),
-                samples_per_s=round(len(p.data.train_y) / seconds, 1),
-                data_seconds=round(train_loader.data_seconds, 3),
-                peak_mem_mb=max(s["peak_mem_mb"] for s in runtime.worker_stats),
-            )
-            check_finite(row, cfg, epoch)
-            rows.append(row)
-            rundir.write_rows(metrics_path, rows)
-            worker_rows += [{"epoch": epoch, **s} for s in runtime.worker_stats]
-            rundir.write_rows(run_dir / "workers.csv", worker_rows)
-            info = f"loss {row['train_loss']:.3f}" + (f" test {row['test_acc']:.2f}%" if "test_acc" in row else "")
-            progress.update(task, info=info)
+                raise
+            raise LctrunError(interrupted_message(run_dir, epoch)) from None
     tables = {}
     classifier = p.data.train_y.dim() == 1  # sub-model exits make no sense per token (language models)
     if cfg.submodels and classifier and (p.method.submodels or (p.method.name == "bp" and len(p.groups) > 1)):

@@ -92,4 +92,4 @@ def test_train_writes_a_run_directory(tmp_path, data_root):
     ]:
         assert column in rows[0]
     assert float(rows[-1]["test_acc"]) > 30  # chance is 10
-    assert (run_dir / "last.pt").exists() and (run_dir / "env.json").exists()
+    assert (run_dir / "ckpt-e2.pt").exists() and (run_dir / "env.json").exists()

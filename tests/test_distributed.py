@@ -31,10 +31,11 @@ TINY = [
 ]
 
 
-def group_params(run_dir: Path, files: list[str]) -> list[torch.Tensor]:
+def group_params(run_dir: Path) -> list[torch.Tensor]:
+    """The parameters in the run's final checkpoints, group by group (one file, or one per worker)."""
     out = []
-    for name in files:
-        for stage in torch.load(run_dir / name, weights_only=False)["runtime"]["stages"]:
+    for path in sorted(run_dir.glob("ckpt-e*.pt")):
+        for stage in torch.load(path, weights_only=False)["runtime"]["stages"]:
             out += [v.float() for v in stage["group"].values()] + [v.float() for v in stage.get("aux", {}).values()]
     return out
 
@@ -45,8 +46,7 @@ def test_distributed_equals_serial(tmp_path, method, split):
     overrides = TINY + [f"method={method}", f"model.split=[{','.join(split)}]", "pipeline_depth=1"]
     serial = run_training(load_experiment(None, overrides), run_dir=tmp_path / "serial")
     dist = run_training(load_experiment(None, overrides + ["runtime=distributed"]), run_dir=tmp_path / "dist")
-    a = group_params(serial.run_dir, ["last.pt"])
-    b = group_params(dist.run_dir, [f"last.rank{r}.pt" for r in range(len(split) + 1)])
+    a, b = group_params(serial.run_dir), group_params(dist.run_dir)
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)
@@ -63,8 +63,7 @@ def test_layer_parallel_distributed_equals_serial(tmp_path, method, split):
     overrides += ["layerpar.parallel_epochs=2", "layerpar.downsample=2", "data.augment=crop"]
     serial = run_training(load_experiment(None, overrides), run_dir=tmp_path / "serial")
     dist = run_training(load_experiment(None, overrides + ["runtime=distributed"]), run_dir=tmp_path / "dist")
-    a = group_params(serial.run_dir, ["last.pt"])
-    b = group_params(dist.run_dir, [f"last.rank{r}.pt" for r in range(len(split) + 1)])
+    a, b = group_params(serial.run_dir), group_params(dist.run_dir)
     for x, y in zip(a, b, strict=True):
         assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)
     for r, s in zip(serial.rows, dist.rows, strict=True):

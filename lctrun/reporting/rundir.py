@@ -7,6 +7,7 @@ import io
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -42,6 +43,39 @@ def save_checkpoint(path: Path, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+# Checkpoints are per epoch and per worker (tag "" for one process, ".rank<r>" for distributed workers):
+# ckpt-e<epoch><tag>.pt. A worker drops its older ones only once every worker has written the newer
+# one, so some epoch is always held by all, and a run killed mid-save resumes from that epoch.
+def checkpoint_path(run_dir: Path, epoch: int, tag: str = "") -> Path:
+    return Path(run_dir) / f"ckpt-e{epoch}{tag}.pt"
+
+
+def checkpoint_epochs(run_dir: Path, tag: str = "") -> set[int]:
+    pattern = re.compile(rf"ckpt-e(\d+){re.escape(tag)}\.pt")
+    return {int(m.group(1)) for f in Path(run_dir).glob("ckpt-e*.pt") if (m := pattern.fullmatch(f.name))}
+
+
+def drop_checkpoints_before(run_dir: Path, epoch: int, tag: str = "") -> None:
+    for e in checkpoint_epochs(run_dir, tag):
+        if e < epoch:
+            checkpoint_path(run_dir, e, tag).unlink(missing_ok=True)
+
+
+def resumable_epoch(run_dir: Path) -> int:
+    """The epoch a resume of this run directory would continue after, read from its files."""
+    per_tag: dict[str, set[int]] = {}
+    for f in Path(run_dir).glob("ckpt-e*.pt"):
+        if m := re.fullmatch(r"ckpt-e(\d+)(.*)\.pt", f.name):
+            per_tag.setdefault(m.group(2), set()).add(int(m.group(1)))
+    return common_epoch(list(per_tag.values()))
+
+
+def common_epoch(epochs_per_worker: list[set[int]]) -> int:
+    """The latest epoch every worker holds a checkpoint of (0: none, start from scratch)."""
+    shared = set.intersection(*map(set, epochs_per_worker)) if epochs_per_worker else set()
+    return max(shared, default=0)
 
 
 def git_commit() -> str:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lctrun.errors import LctrunError
+
 
 @dataclass
 class EvalOutput:
@@ -35,3 +37,13 @@ def averages(total: dict[str, torch.Tensor], samples: int) -> dict[str, float]:
         elif key != "n":
             out[key] = float(value)
     return out
+
+
+def check_step(metrics: dict[str, torch.Tensor], method: str, group: int, epoch: int, step: int) -> None:
+    """Stop at the first step whose loss (or constraint residual) is NaN/Inf, naming where it happened."""
+    for key, value in metrics.items():
+        if key.endswith(("loss", "residual")) and not bool(torch.isfinite(value).all()):
+            raise LctrunError(
+                f"training diverged: {key} is {float(value.sum())} in method {method}, group {group}, "
+                f"epoch {epoch}, step {step} (try a smaller optim.lr); the run directory keeps every finished epoch"
+            )

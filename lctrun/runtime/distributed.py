@@ -28,7 +28,8 @@ from lctrun.data import TensorLoader
 from lctrun.errors import ConfigError
 from lctrun.methods import EpochPlan, Method, Stage
 from lctrun.runtime.accounting import SavedTensors, state_account
-from lctrun.runtime.base import EvalOutput, add_metrics, averages, stage_prefix
+from lctrun.runtime.base import EvalOutput, add_metrics, averages, check_step, stage_prefix
+from lctrun.runtime.faults import InjectedFault
 from lctrun.runtime.memory import PeakMemory
 from lctrun.runtime.processes import run_processes
 from lctrun.runtime.transport import BACKWARD, EVAL, FORWARD, Channel
@@ -46,7 +47,7 @@ class DistributedRuntime:
         self.memory = PeakMemory(stage.device)
         self.account: dict[str, float] = {}
         self.worker_stats: list[dict] = []
-        self.checkpoint_name = f"last.rank{self.rank}.pt"
+        self.checkpoint_tag = f".rank{self.rank}"  # one checkpoint file per worker
         self.fault = InjectedFault.from_env(self.rank)
 
     # -- training -------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ class DistributedRuntime:
         waiting: deque[int] = deque()  # batch sizes still owed feedback, oldest first
         samples, start = 0, time.perf_counter()
         for step, batch in enumerate(loader, 1):
-            self.fault.check(step)
+            self.fault.tick()
             x = self._input(batch, FORWARD, wire.in_shape)
             y = batch.y.to(self.stage.device, non_blocking=True)
             if not self.account:
@@ -77,6 +78,7 @@ class DistributedRuntime:
                 self.account = {"activations_mb": round(saved.bytes / 2**20, 3)}
             else:
                 out = self.stage.train_step(x, y, batch.idx)
+            check_step(out.metrics, self.method.name, self.rank + 1, loader.epoch, step)
             add_metrics(total, out.metrics)
             if not self.last:
                 self.channel.send(out.forward, self.rank + 1, FORWARD)
@@ -169,27 +171,11 @@ class DistributedRuntime:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-
-class InjectedFault:
-    """For fault tests: LCTRUN_INJECT_FAULT=RANK:STEP[:raise|kill] fails that worker at that step."""
-
-    def __init__(self, step: int | None = None, kind: str = "raise"):
-        self.step, self.kind = step, kind
-
-    @classmethod
-    def from_env(cls, rank: int) -> InjectedFault:
-        spec = os.environ.get("LCTRUN_INJECT_FAULT", "")
-        parts = spec.split(":")
-        if len(parts) >= 2 and parts[0] == str(rank):
-            return cls(int(parts[1]), parts[2] if len(parts) > 2 else "raise")
-        return cls()
-
-    def check(self, step: int) -> None:
-        if step != self.step:
-            return
-        if self.kind == "kill":
-            os.kill(os.getpid(), 9)
-        raise RuntimeError(f"injected fault at step {step}")
+    def gather(self, value) -> list:
+        """Every worker's value, on every worker (e.g. which checkpoints each one holds)."""
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
 
 
 def num_groups(cfg: Experiment) -> int:
@@ -272,7 +258,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_workers(cfg: Experiment, job, where: str = "", console: Console | None = None):
+def spawn_workers(cfg: Experiment, job, where="", console: Console | None = None):
     """Start one local process per group, run `job` in each, return rank 0's result."""
     world = cfg.workers or num_groups(cfg)
     return run_processes(WorkerBody(cfg, world, free_port(), job), world, "worker", where, console)
@@ -281,10 +267,11 @@ def spawn_workers(cfg: Experiment, job, where: str = "", console: Console | None
 def launch(cfg: Experiment, run_dir: Path | None = None, resume: bool = False, console: Console | None = None):
     """Train with the distributed runtime: in this process under torchrun, else one local process per group."""
     from lctrun.reporting.rundir import default_run_dir
+    from lctrun.train import resume_hint
 
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         return run_worker(cfg, rank, world, local_rank, "env://", TrainJob(run_dir, resume))
     run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
-    return spawn_workers(cfg, TrainJob(run_dir, resume), where=f"; outputs so far: {run_dir}", console=console)
+    return spawn_workers(cfg, TrainJob(run_dir, resume), where=lambda: resume_hint(run_dir), console=console)

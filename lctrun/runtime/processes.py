@@ -10,6 +10,7 @@ import os
 import pickle
 import signal
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -19,8 +20,16 @@ import torch
 from lctrun.errors import LctrunError
 
 
-def _child(body, rank: int, result_path: str, errors) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """A parent killed outright (kill -9) cannot stop its children: they notice and exit by themselves."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _child(body, rank: int, result_path: str, errors, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops its children; Ctrl-C goes to it
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     try:
         result = body(rank)
         if rank == 0:
@@ -34,52 +43,63 @@ def _child(body, rank: int, result_path: str, errors) -> None:
         raise SystemExit(1) from None
 
 
-def run_processes(body, count: int, what: str = "worker", where: str = "", console=None):
-    """Call body(rank) for rank 0..count-1, each in a fresh process; return rank 0's result."""
+def run_processes(body, count: int, what: str = "worker", where="", console=None):
+    """Call body(rank) for rank 0..count-1, each in a fresh process; return rank 0's result.
+
+    `where`: text (or a function giving it, asked after the failure) to end an error message with."""
     ctx = torch.multiprocessing.get_context("spawn")
     errors = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory(prefix="lctrun-") as tmp:
         result_path = os.path.join(tmp, "result.pkl")
-        procs = [ctx.Process(target=_child, args=(body, r, result_path, errors), daemon=True) for r in range(count)]
+        procs = [
+            ctx.Process(target=_child, args=(body, r, result_path, errors, os.getpid()), daemon=True)
+            for r in range(count)
+        ]
         for proc in procs:
             proc.start()
         try:
             failed = watch(procs)
         except KeyboardInterrupt:
             stop(procs)
-            raise LctrunError(f"interrupted: all {count} {what}s stopped{where}") from None
+            raise LctrunError(f"interrupted: all {count} {what}s stopped{_text(where)}") from None
         if failed is not None:
+            exit_codes = [p.exitcode for p in procs]  # before the rest are stopped: who died by itself
             stop(procs)
             reports = []
             while not errors.empty():
                 reports.append(errors.get())
-            rank, message, trace = root_cause(procs, reports)
+            rank, message, trace = root_cause(exit_codes, reports)
             if trace and os.environ.get("LCTRUN_DEBUG") and console is not None:
                 console.print(trace, markup=False)
             name = f"worker {rank} (group {rank + 1})" if what == "worker" else what
-            raise LctrunError(f"{name} failed: {message}; all {what}s stopped{where}")
+            raise LctrunError(f"{name} failed: {message}; all {what}s stopped{_text(where)}")
         return pickle.loads(Path(result_path).read_bytes())
+
+
+def _text(where) -> str:
+    return where() if callable(where) else where
 
 
 TRANSPORT = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "distbackenderror", "timed out")
 
 
-def root_cause(procs, reports: list[tuple[int, str, str]]) -> tuple[int, str, str]:
+def root_cause(exit_codes: list[int | None], reports: list[tuple[int, str, str]]) -> tuple[int, str, str]:
     """When one process fails its peers fail too (their connection to it closes): name the first cause.
 
-    A process killed by a signal, with no report of its own, comes first; then a reported error that
-    is not about the connection between processes; then whatever was reported."""
+    `exit_codes` are taken before the survivors are stopped. A process killed by a signal then, with
+    no report of its own, comes first; then a reported error that is not about the connection
+    between processes; then whatever was reported."""
     reported = {rank for rank, _, _ in reports}
-    for rank, p in enumerate(procs):
-        if p.exitcode is not None and p.exitcode < 0 and rank not in reported:
-            return rank, f"died (signal {-p.exitcode})", ""
+    for rank, code in enumerate(exit_codes):
+        if code is not None and code < 0 and rank not in reported:
+            return rank, f"died (signal {-code})", ""
     own = [r for r in reports if not any(word in r[1].lower() for word in TRANSPORT)]
     if own or reports:
         rank, message, trace = (own or reports)[0]
         line = message.strip().splitlines()[0] if message.strip() else "failed"
         return rank, line[:300] + ("..." if len(line) > 300 else ""), trace
-    rank = next(r for r, p in enumerate(procs) if p.exitcode not in (None, 0))
-    return rank, f"died (exit code {procs[rank].exitcode})", ""
+    rank = next(r for r, code in enumerate(exit_codes) if code not in (None, 0))
+    return rank, f"died (exit code {exit_codes[rank]})", ""
 
 
 def watch(procs) -> int | None:

@@ -10,7 +10,8 @@ import torch
 from lctrun.data import TensorLoader
 from lctrun.methods import EpochPlan, Method, Stage
 from lctrun.runtime.accounting import SavedTensors, state_account
-from lctrun.runtime.base import EvalOutput, add_metrics, averages, stage_prefix
+from lctrun.runtime.base import EvalOutput, add_metrics, averages, check_step, stage_prefix
+from lctrun.runtime.faults import InjectedFault
 from lctrun.runtime.memory import PeakMemory
 
 
@@ -22,19 +23,22 @@ class SerialRuntime:
     is_main = True
     needs_inputs = True
     rank = 0
-    checkpoint_name = "last.pt"
+    checkpoint_tag = ""
 
     def __init__(self, method: Method, stages: list[Stage]):
         self.method, self.stages = method, stages
         self.memory = PeakMemory(stages[0].device)
         self.account: list[dict[str, float]] = []
         self.worker_stats: list[dict] = []
+        self.fault = InjectedFault.from_env(0)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, total: dict) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, total: dict, where: tuple = (0, 0)) -> None:
         K = len(self.stages)
+        self.fault.tick()
         backward: list[torch.Tensor | None] = [None] * K
         for k, stage in enumerate(self.stages):
             out = stage.train_step(to(x, stage.device), to(y, stage.device), idx)
+            check_step(out.metrics, self.method.name, k + 1, *where)
             add_metrics(total, out.metrics, stage_prefix(k, K))
             backward[k], x = out.backward, out.forward
         for k in range(K - 2, -1, -1):
@@ -48,13 +52,13 @@ class SerialRuntime:
             stage.train(True)
         total: dict[str, torch.Tensor] = {}
         samples, start = 0, time.perf_counter()
-        for batch in loader:
+        for step, batch in enumerate(loader, 1):
             if not self.account:
                 with SavedTensors() as saved:
-                    self.step(batch.x, batch.y, batch.idx, total)
+                    self.step(batch.x, batch.y, batch.idx, total, (loader.epoch, step))
                 self.account = [{"activations_mb": round(saved.bytes / 2**20, 3)}]
             else:
-                self.step(batch.x, batch.y, batch.idx, total)
+                self.step(batch.x, batch.y, batch.idx, total, (loader.epoch, step))
             samples += len(batch.y)
             if on_batch:
                 on_batch()
@@ -114,6 +118,9 @@ class SerialRuntime:
 
     def agree(self, value):
         return value
+
+    def gather(self, value) -> list:
+        return [value]
 
     def epoch_end(self) -> None:
         for stage in self.stages:

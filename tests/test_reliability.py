@@ -1,0 +1,208 @@
+"""Reliability: resume gives the run that never stopped, interrupts and faults keep what was written,
+divergence stops with a message saying where, and runs are deterministic (serial, CPU)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lctrun.config import load_experiment
+from lctrun.errors import ConfigError, LctrunError
+from lctrun.launch import run_training
+from lctrun.reporting.rundir import common_epoch, read_rows, resumable_epoch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.name=fake",
+    "data.shape=[1,16,16]",
+    "data.train_size=64",
+    "data.test_size=32",
+    "data.batch_size=16",
+    "epochs=3",
+    "optim.lr=0.05",
+    "optim.schedule=cosine",
+    "critic.channels=8",
+]
+STEPS = 4  # per epoch: 64 samples / 16
+TIMING = {"seconds", "samples_per_s", "data_seconds", "peak_mem_mb"}  # wall-clock: never reproducible
+METHODS = {  # every method, on a model it runs on
+    "bp": ["model.name=cnn-small", "model.split=[conv2]"],
+    "lct": ["model.name=cnn-small", "model.split=[conv1,conv2]", "critic.update_every=2"],
+    "dgl": ["model.name=cnn-small", "model.split=[conv2]"],
+    "dni": ["model.name=cnn-small", "model.split=[conv2]"],
+    "penalty": ["model.name=resnet8", "model.split=[layer1]", "layerpar.sph=true"],
+    "al": ["model.name=resnet8", "model.split=[layer1]", "layerpar.downsample=2"],
+}
+
+
+def same_rows(a: list[dict], b: list[dict], rel: float = 1e-6) -> None:
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        x, y = ({k: v for k, v in r.items() if v not in (None, "")} for r in (x, y))  # a CSV's empty cells
+        assert x.keys() == y.keys()
+        for key in x.keys() - TIMING:
+            if isinstance(x[key], float):
+                assert x[key] == pytest.approx(y[key], rel=rel, abs=1e-9), (x["epoch"], key)
+            else:
+                assert x[key] == y[key], (x["epoch"], key)
+
+
+def lctrun(*args, env=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "lctrun", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_interrupt_then_resume_gives_the_run_that_never_stopped(tmp_path, monkeypatch, method):
+    """Ctrl-C in epoch 2 (a real SIGINT), then --resume: the same metrics as one uninterrupted run."""
+    cfg = load_experiment(None, TINY + [f"method={method}"] + METHODS[method])
+    whole = run_training(cfg, run_dir=tmp_path / "whole")
+    monkeypatch.setenv("LCTRUN_INJECT_FAULT", f"0:{STEPS + 2}:interrupt")
+    with pytest.raises(LctrunError, match=r"interrupted in epoch 2; .* keeps epochs 1-1; continue with: lctrun train"):
+        run_training(cfg, run_dir=tmp_path / "part")
+    assert [r["epoch"] for r in read_rows(tmp_path / "part" / "metrics.csv")] == [1]
+    monkeypatch.delenv("LCTRUN_INJECT_FAULT")
+    resumed = run_training(cfg, run_dir=tmp_path / "part", resume=True)
+    same_rows(whole.rows, resumed.rows)
+    same_rows(whole.rows, read_rows(tmp_path / "part" / "metrics.csv"))
+    assert sorted(f.name for f in (tmp_path / "part").glob("ckpt-*")) == ["ckpt-e3.pt"]  # older ones dropped
+
+
+def test_sigterm_from_the_cli_keeps_every_row_once_and_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["train", "experiments/mnist-cnn.yaml", *TINY, "model.name=cnn-small", "method=lct", "model.split=[conv2]"]
+    out = lctrun(*args, "--out", str(run_dir), env={"LCTRUN_INJECT_FAULT": f"0:{2 * STEPS + 1}:term"})
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"interrupted in epoch 3; {run_dir} keeps epochs 1-2; continue with: lctrun train --resume {run_dir}" in (
+        " ".join(out.stderr.split())
+    )
+    assert [r["epoch"] for r in read_rows(run_dir / "metrics.csv")] == [1, 2]
+
+    again = lctrun(*args, "--out", str(run_dir))  # a new run over it would lose it: refused
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "--resume" in again.stderr
+
+    resumed = lctrun("train", "--resume", str(run_dir))  # the run's own config
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout and "after epoch 2" in resumed.stdout
+    assert [r["epoch"] for r in read_rows(run_dir / "metrics.csv")] == [1, 2, 3]
+
+    longer = lctrun("train", "--resume", str(run_dir), "epochs=4")  # train on: only the length may change
+    assert longer.returncode == 0, longer.stderr
+    assert [r["epoch"] for r in read_rows(run_dir / "metrics.csv")] == [1, 2, 3, 4]
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    cfg = load_experiment(None, TINY + ["model.name=cnn-small", "epochs=1"])
+    run_training(cfg, run_dir=tmp_path)
+    changed = load_experiment(None, TINY + ["model.name=cnn-small", "epochs=1", "optim.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"config differs from the run's \(optim.lr=0.05 in the run but 0.1 now\)"):
+        run_training(changed, run_dir=tmp_path, resume=True)
+
+
+def test_bad_resume_requests_are_one_line_errors(tmp_path):
+    out = lctrun("train", "--resume", str(tmp_path / "nope"))
+    assert out.returncode == 2 and "not a run directory (no config.yaml there)" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = lctrun("train")
+    assert out.returncode == 2 and "give an experiment" in out.stderr
+
+
+def test_a_run_resumes_from_the_last_epoch_every_worker_has(tmp_path):
+    for name in ["ckpt-e1.rank0.pt", "ckpt-e2.rank0.pt", "ckpt-e1.rank1.pt", "ckpt-e1.rank2.pt", "ckpt-e2.rank2.pt"]:
+        (tmp_path / name).touch()  # killed while rank 1 was writing epoch 2
+    assert resumable_epoch(tmp_path) == 1
+    assert common_epoch([{1, 2}, {2, 3}]) == 2 and common_epoch([{1}, {2}]) == 0 and common_epoch([]) == 0
+
+
+@pytest.mark.slow
+def test_a_killed_distributed_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+    """kill -9 of worker 1 in epoch 2: the run stops in bounded time, then resumes from epoch 1 on every
+    worker (one checkpoint file each) and ends where an uninterrupted distributed run ends."""
+    cfg = load_experiment(
+        None, TINY + ["model.name=cnn-small", "model.split=[conv2]", "method=lct", "runtime=distributed"]
+    )
+    whole = run_training(cfg, run_dir=tmp_path / "whole")
+    monkeypatch.setenv("LCTRUN_INJECT_FAULT", f"1:{STEPS + 2}:kill")
+    start = time.time()
+    with pytest.raises(LctrunError, match=r"worker 1 \(group 2\) failed: died \(signal 9\).* keeps epochs 1-1; contin"):
+        run_training(cfg, run_dir=tmp_path / "part")
+    assert time.time() - start < 60
+    assert sorted(f.name for f in (tmp_path / "part").glob("ckpt-*")) == ["ckpt-e1.rank0.pt", "ckpt-e1.rank1.pt"]
+    monkeypatch.delenv("LCTRUN_INJECT_FAULT")
+    resumed = run_training(cfg, run_dir=tmp_path / "part", resume=True)
+    same_rows(whole.rows, resumed.rows, rel=1e-5)
+
+
+@pytest.mark.parametrize("runtime", ["serial", pytest.param("distributed", marks=pytest.mark.slow)])
+def test_divergence_names_method_group_and_step(tmp_path, runtime):
+    overrides = TINY + METHODS["dgl"] + ["method=dgl", "optim.lr=1e12", f"runtime={runtime}"]
+    words = (
+        r"training diverged: \w*loss is (nan|inf) in method dgl, group \d, epoch 1, step \d+ \(try a smaller optim.lr\)"
+    )
+    with pytest.raises(LctrunError, match=words):
+        run_training(load_experiment(None, overrides), run_dir=tmp_path)
+    assert not (tmp_path / "metrics.csv").exists()  # nothing finished: no row, and nothing half-written
+
+
+@pytest.mark.parametrize("method", ["lct", "al"])
+def test_same_seed_same_metrics(tmp_path, method):
+    """Serial runtime, CPU: one seed twice gives the same metrics.csv (timings aside); another seed does not."""
+    overrides = TINY + [f"method={method}"] + METHODS[method]
+    files = []
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        run_training(load_experiment(None, overrides + [f"seed={seed}"]), run_dir=tmp_path / name)
+        files.append(
+            [{k: v for k, v in r.items() if k not in TIMING} for r in read_rows(tmp_path / name / "metrics.csv")]
+        )
+    assert files[0] == files[1]
+    assert files[0] != files[2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_the_launcher_leaves_no_orphan_workers(tmp_path, sig):
+    """SIGTERM: the launcher stops its workers and says how to resume; SIGKILL: the workers notice and exit."""
+    args = [*TINY, "model.name=cnn-small", "model.split=[conv2]", "epochs=500", "runtime=distributed"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lctrun", "train", "experiments/mnist-cnn.yaml", *args, "--out", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    deadline = time.time() + 90
+    while len(read_rows(tmp_path / "metrics.csv")) < 2 and time.time() < deadline:
+        time.sleep(0.3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 2 and "Traceback" not in err, err
+        assert "interrupted: all 2 workers stopped;" in err and f"--resume {tmp_path}" in " ".join(err.split())
+    spawned = lambda: subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True).stdout.split()
+    deadline = time.time() + 10
+    while spawned() and time.time() < deadline:
+        time.sleep(0.5)
+    assert spawned() == [], "orphan worker processes"
+    assert read_rows(tmp_path / "metrics.csv")  # what was written stays
+
+
+def test_the_worker_that_died_first_is_named():
+    from lctrun.runtime.processes import root_cause
+
+    lost = (0, "RuntimeError: Connection closed by peer [127.0.0.1]:1234", "")
+    assert root_cause([None, -9], [lost])[:2] == (1, "died (signal 9)")  # rank 0 only lost its peer
+    assert root_cause([None, 3], [lost, (1, "training diverged: loss is nan", "")])[:2] == (
+        1,
+        "training diverged: loss is nan",
+    )
+    assert root_cause([None, 1], [])[:2] == (1, "died (exit code 1)")
