@@ -185,6 +185,17 @@ def save_checkpoint(run_dir: Path, epoch: int, runtime) -> None:
     rundir.drop_checkpoints_before(run_dir, epoch, runtime.checkpoint_tag)
 
 
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a file damaged outside lctrun (its own writes are atomic)
+        problem = " ".join(str(e).split())[:120]
+        raise LctrunError(
+            f"cannot resume from {path}: the checkpoint is unreadable ({type(e).__name__}: {problem}); "
+            f"start a new run with another --out"
+        ) from None
+
+
 def resume_hint(run_dir: Path) -> str:
     """How to continue a stopped run ("" when no epoch had finished: there is nothing to continue)."""
     epoch = rundir.resumable_epoch(run_dir)
@@ -216,7 +227,7 @@ def train(
     if resume:
         start_epoch = rundir.common_epoch(runtime.gather(rundir.checkpoint_epochs(run_dir, tag)))
     if start_epoch:
-        state = torch.load(rundir.checkpoint_path(run_dir, start_epoch, tag), map_location="cpu", weights_only=False)
+        state = load_checkpoint(rundir.checkpoint_path(run_dir, start_epoch, tag))
         runtime.load_state_dict(state["runtime"])
         restore_rng(state["rng"])
         rows = [r for r in rundir.read_rows(metrics_path) if r["epoch"] <= start_epoch]

@@ -1,7 +1,6 @@
 """Reliability: resume gives the run that never stopped, interrupts and faults keep what was written,
 divergence stops with a message saying where, and runs are deterministic (serial, CPU)."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_cli import lctrun
 
 from lctrun.config import load_experiment
 from lctrun.errors import ConfigError, LctrunError
@@ -49,17 +49,6 @@ def same_rows(a: list[dict], b: list[dict], rel: float = 1e-6) -> None:
                 assert x[key] == pytest.approx(y[key], rel=rel, abs=1e-9), (x["epoch"], key)
             else:
                 assert x[key] == y[key], (x["epoch"], key)
-
-
-def lctrun(*args, env=None, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "lctrun", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        timeout=timeout,
-    )
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -107,6 +96,14 @@ def test_resume_with_another_config_is_refused(tmp_path):
     changed = load_experiment(None, TINY + ["model.name=cnn-small", "epochs=1", "optim.lr=0.1"])
     with pytest.raises(ConfigError, match=r"config differs from the run's \(optim.lr=0.05 in the run but 0.1 now\)"):
         run_training(changed, run_dir=tmp_path, resume=True)
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(tmp_path):
+    cfg = load_experiment(None, TINY + ["model.name=cnn-small", "epochs=1"])
+    run_training(cfg, run_dir=tmp_path)
+    (tmp_path / "ckpt-e1.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(LctrunError, match=r"cannot resume from .*ckpt-e1.pt: the checkpoint is unreadable"):
+        run_training(cfg, run_dir=tmp_path, resume=True)
 
 
 def test_bad_resume_requests_are_one_line_errors(tmp_path):
