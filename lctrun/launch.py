@@ -80,7 +80,7 @@ def resumed_config(run_dir: Path, overrides: list[str]) -> Experiment:
 
 def check_new_run_dir(run_dir: Path) -> None:
     """Never train over a run by accident: a directory with checkpoints is continued with --resume."""
-    if (run_dir / "metrics.csv").exists() or any(run_dir.glob("ckpt-e*.pt")):
+    if (run_dir / "metrics.csv").exists() or any(run_dir.glob("ckpt-*.pt")):
         raise ConfigError(
             f"--out {run_dir} already holds a run; continue it with: lctrun train --resume {run_dir} "
             f"(or give another --out)"

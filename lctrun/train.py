@@ -24,6 +24,7 @@ from lctrun.methods import EpochPlan, Method, build_stage, get_method, group_sha
 from lctrun.models import build_model, split_groups
 from lctrun.models.chain import Group
 from lctrun.reporting import rundir
+from lctrun.runtime.stop import EpochInterrupted, StopRequest
 
 
 @dataclass
@@ -101,13 +102,14 @@ def make_loaders(p: Prepared, device: torch.device, load_x: bool = True) -> tupl
     )
 
 
-def begin_epoch(p: Prepared, runtime, epoch: int, loader: TensorLoader) -> EpochPlan:
-    """Set up epoch `epoch` as the method plans it: augmentation, the stages' phase, a refresh pass."""
+def begin_epoch(p: Prepared, runtime, epoch: int, loader: TensorLoader, refresh: bool = True) -> EpochPlan:
+    """Set up epoch `epoch` as the method plans it: augmentation, the stages' phase, a refresh pass
+    (not when continuing the epoch from a mid-epoch checkpoint: its state is already past it)."""
     plan = p.method.plan(p.cfg, epoch)
     loader.set_epoch(epoch)
     loader.augment = p.data.augment if plan.augment else "none"
     runtime.begin_epoch(plan)
-    if plan.refresh:
+    if plan.refresh and refresh:
         ordered = TensorLoader(
             p.data.train_x,
             p.data.train_y,
@@ -183,6 +185,22 @@ def save_checkpoint(run_dir: Path, epoch: int, runtime) -> None:
     rundir.save_checkpoint(rundir.checkpoint_path(run_dir, epoch, runtime.checkpoint_tag), state)
     runtime.barrier()
     rundir.drop_checkpoints_before(run_dir, epoch, runtime.checkpoint_tag)
+    (run_dir / rundir.PARTIAL_CHECKPOINT).unlink(missing_ok=True)
+
+
+def save_partial_checkpoint(run_dir: Path, epoch: int, runtime, partial: dict) -> None:
+    """The state at a stop inside `epoch` (serial runtime): what it takes to finish the epoch exactly."""
+    state = {"epoch": epoch, "partial": partial, "runtime": runtime.state_dict(), "rng": rng_state()}
+    rundir.save_checkpoint(run_dir / rundir.PARTIAL_CHECKPOINT, state)
+
+
+def load_partial_checkpoint(run_dir: Path, epoch: int) -> dict | None:
+    """The mid-epoch checkpoint that continues `epoch`, if there is one."""
+    path = run_dir / rundir.PARTIAL_CHECKPOINT
+    if not path.exists():
+        return None
+    state = load_checkpoint(path)
+    return state if state["epoch"] == epoch else None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -197,15 +215,17 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def resume_hint(run_dir: Path) -> str:
-    """How to continue a stopped run ("" when no epoch had finished: there is nothing to continue)."""
-    epoch = rundir.resumable_epoch(run_dir)
-    if not epoch:
+    """How to continue a stopped run ("" when nothing was saved: there is nothing to continue)."""
+    epoch, partial = rundir.resumable_epoch(run_dir), (run_dir / rundir.PARTIAL_CHECKPOINT).exists()
+    if not epoch and not partial:
         return ""
-    return f"; {run_dir} keeps epochs 1-{epoch}; continue with: lctrun train --resume {run_dir}"
+    kept = " and ".join([f"epochs 1-{epoch}"] * bool(epoch) + ["a mid-epoch checkpoint"] * partial)
+    return f"; {run_dir} keeps {kept}; continue with: lctrun train --resume {run_dir}"
 
 
-def interrupted_message(run_dir: Path, epoch: int) -> str:
-    return f"interrupted in epoch {epoch}{resume_hint(run_dir) or '; no epoch had finished'}"
+def interrupted_message(run_dir: Path, epoch: int, step: int | None = None, steps: int = 0) -> str:
+    where = f"after step {step}/{steps} of epoch {epoch} (saved)" if step else f"in epoch {epoch}"
+    return f"interrupted {where}{resume_hint(run_dir) or '; no epoch had finished'}"
 
 
 def train(
@@ -223,16 +243,19 @@ def train(
     run_dir = Path(runtime.agree(str(run_dir or rundir.default_run_dir(cfg))))
     metrics_path, tag = run_dir / "metrics.csv", runtime.checkpoint_tag
 
-    start_epoch, rows = 0, []
+    start_epoch, rows, resumed = 0, [], None
     if resume:
         start_epoch = rundir.common_epoch(runtime.gather(rundir.checkpoint_epochs(run_dir, tag)))
-    if start_epoch:
-        state = load_checkpoint(rundir.checkpoint_path(run_dir, start_epoch, tag))
+        if runtime.stops_between_steps:
+            resumed = load_partial_checkpoint(run_dir, start_epoch + 1)
+    if start_epoch or resumed:
+        state = resumed or load_checkpoint(rundir.checkpoint_path(run_dir, start_epoch, tag))
         runtime.load_state_dict(state["runtime"])
         restore_rng(state["rng"])
         rows = [r for r in rundir.read_rows(metrics_path) if r["epoch"] <= start_epoch]
         if main:
-            console.print(f"resuming {run_dir} after epoch {start_epoch}")
+            step = f", at step {resumed['partial']['step']} of epoch {start_epoch + 1}" if resumed else ""
+            console.print(f"resuming {run_dir} after epoch {start_epoch}{step}")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.write_config(run_dir, cfg)
@@ -254,29 +277,40 @@ def train(
     ) as progress:
         epoch = start_epoch
         try:
-            for epoch in range(start_epoch + 1, cfg.epochs + 1):
-                task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, info="")
-                train_loader.data_seconds = 0.0
-                start = time.perf_counter()
-                plan = begin_epoch(p, runtime, epoch, train_loader)
-                metrics = runtime.train_epoch(train_loader, on_batch=lambda t=task: progress.advance(t))
-                seconds = time.perf_counter() - start
-                lr = runtime.lr
-                runtime.epoch_end()
-                evaluate = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
-                result = runtime.evaluate(test_loader) if evaluate else None
-                if main:
-                    row = metrics_row(epoch, plan, train_loader, metrics, result, lr, seconds, runtime)
-                    check_finite(row, cfg, epoch)
-                    # rows first, then the checkpoint: a resume drops rows after its epoch, so none is
-                    # lost or written twice whichever write an interruption falls between
-                    rows.append(row)
-                    rundir.write_rows(metrics_path, rows)
-                    worker_rows += [{"epoch": epoch, **s} for s in runtime.worker_stats]
-                    rundir.write_rows(run_dir / "workers.csv", worker_rows)
-                    info = f"loss {row['train_loss']:.3f}"
-                    progress.update(task, info=info + (f" test {row['test_acc']:.2f}%" if "test_acc" in row else ""))
-                save_checkpoint(run_dir, epoch, runtime)
+            with StopRequest(runtime.stops_between_steps) as stop:
+                for epoch in range(start_epoch + 1, cfg.epochs + 1):
+                    if stop:  # asked between epochs: everything up to here is saved
+                        raise KeyboardInterrupt
+                    partial = resumed["partial"] if resumed and resumed["epoch"] == epoch else None
+                    task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, info="")
+                    progress.update(task, completed=partial["step"] if partial else 0)
+                    train_loader.data_seconds = 0.0
+                    start = time.perf_counter()
+                    plan = begin_epoch(p, runtime, epoch, train_loader, refresh=partial is None)
+                    metrics = runtime.train_epoch(
+                        train_loader, on_batch=lambda t=task: progress.advance(t), stop=stop, partial=partial
+                    )
+                    seconds = time.perf_counter() - start + (partial["seconds"] if partial else 0.0)
+                    lr = runtime.lr
+                    runtime.epoch_end()
+                    evaluate = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
+                    result = runtime.evaluate(test_loader) if evaluate else None
+                    if main:
+                        row = metrics_row(epoch, plan, train_loader, metrics, result, lr, seconds, runtime)
+                        check_finite(row, cfg, epoch)
+                        # rows first, then the checkpoint: a resume drops rows after its epoch, so none is
+                        # lost or written twice whichever write an interruption falls between
+                        rows.append(row)
+                        rundir.write_rows(metrics_path, rows)
+                        worker_rows += [{"epoch": epoch, **s} for s in runtime.worker_stats]
+                        rundir.write_rows(run_dir / "workers.csv", worker_rows)
+                        info = f"loss {row['train_loss']:.3f}"
+                        info += f" test {row['test_acc']:.2f}%" if "test_acc" in row else ""
+                        progress.update(task, info=info)
+                    save_checkpoint(run_dir, epoch, runtime)
+        except EpochInterrupted as stopped:
+            save_partial_checkpoint(run_dir, epoch, runtime, stopped.partial)
+            raise LctrunError(interrupted_message(run_dir, epoch, stopped.partial["step"], steps_per_epoch)) from None
         except KeyboardInterrupt:
             if not main:
                 raise

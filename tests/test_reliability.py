@@ -53,13 +53,16 @@ def same_rows(a: list[dict], b: list[dict], rel: float = 1e-6) -> None:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_interrupt_then_resume_gives_the_run_that_never_stopped(tmp_path, monkeypatch, method):
-    """Ctrl-C in epoch 2 (a real SIGINT), then --resume: the same metrics as one uninterrupted run."""
+    """Ctrl-C in epoch 2 (a real SIGINT): the step finishes, its state is saved, and --resume continues
+    from the next step to the same metrics as one uninterrupted run."""
     cfg = load_experiment(None, TINY + [f"method={method}"] + METHODS[method])
     whole = run_training(cfg, run_dir=tmp_path / "whole")
-    monkeypatch.setenv("LCTRUN_INJECT_FAULT", f"0:{STEPS + 2}:interrupt")
-    with pytest.raises(LctrunError, match=r"interrupted in epoch 2; .* keeps epochs 1-1; continue with: lctrun train"):
+    monkeypatch.setenv("LCTRUN_INJECT_FAULT", f"0:{STEPS + 3}:interrupt")  # in step 3 of epoch 2
+    words = r"interrupted after step 3/4 of epoch 2 \(saved\); .* keeps epochs 1-1 and a mid-epoch checkpoint; continue"
+    with pytest.raises(LctrunError, match=words):
         run_training(cfg, run_dir=tmp_path / "part")
     assert [r["epoch"] for r in read_rows(tmp_path / "part" / "metrics.csv")] == [1]
+    assert (tmp_path / "part" / "ckpt-partial.pt").exists()
     monkeypatch.delenv("LCTRUN_INJECT_FAULT")
     resumed = run_training(cfg, run_dir=tmp_path / "part", resume=True)
     same_rows(whole.rows, resumed.rows)
@@ -72,9 +75,8 @@ def test_sigterm_from_the_cli_keeps_every_row_once_and_resumes(tmp_path):
     args = ["train", "experiments/mnist-cnn.yaml", *TINY, "model.name=cnn-small", "method=lct", "model.split=[conv2]"]
     out = lctrun(*args, "--out", str(run_dir), env={"LCTRUN_INJECT_FAULT": f"0:{2 * STEPS + 1}:term"})
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert f"interrupted in epoch 3; {run_dir} keeps epochs 1-2; continue with: lctrun train --resume {run_dir}" in (
-        " ".join(out.stderr.split())
-    )
+    message = f"interrupted after step 1/4 of epoch 3 (saved); {run_dir} keeps epochs 1-2 and a mid-epoch checkpoint"
+    assert f"{message}; continue with: lctrun train --resume {run_dir}" in " ".join(out.stderr.split())
     assert [r["epoch"] for r in read_rows(run_dir / "metrics.csv")] == [1, 2]
 
     again = lctrun(*args, "--out", str(run_dir))  # a new run over it would lose it: refused
@@ -82,7 +84,7 @@ def test_sigterm_from_the_cli_keeps_every_row_once_and_resumes(tmp_path):
 
     resumed = lctrun("train", "--resume", str(run_dir))  # the run's own config
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stdout and "after epoch 2" in resumed.stdout
+    assert "resuming" in resumed.stdout and "after epoch 2, at step 1 of epoch 3" in " ".join(resumed.stdout.split())
     assert [r["epoch"] for r in read_rows(run_dir / "metrics.csv")] == [1, 2, 3]
 
     longer = lctrun("train", "--resume", str(run_dir), "epochs=4")  # train on: only the length may change
@@ -203,3 +205,15 @@ def test_the_worker_that_died_first_is_named():
         "training diverged: loss is nan",
     )
     assert root_cause([None, 1], [])[:2] == (1, "died (exit code 1)")
+
+
+def test_a_stopped_isolated_run_saves_its_step_and_resumes(tmp_path, monkeypatch):
+    """`reproduce` runs serial runs in a child process, which its launcher stops with SIGTERM."""
+    cfg = load_experiment(None, TINY + ["method=lct"] + METHODS["lct"])
+    whole = run_training(cfg, run_dir=tmp_path / "whole")
+    monkeypatch.setenv("LCTRUN_INJECT_FAULT", f"0:{STEPS + 1}:term")
+    with pytest.raises(LctrunError, match=r"run failed: interrupted after step 1/4 of epoch 2 \(saved\)"):
+        run_training(cfg, run_dir=tmp_path / "part", isolated=True)
+    monkeypatch.delenv("LCTRUN_INJECT_FAULT")
+    resumed = run_training(cfg, run_dir=tmp_path / "part", resume=True, isolated=True)
+    same_rows(whole.rows, resumed.rows)

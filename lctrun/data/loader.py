@@ -62,10 +62,20 @@ class TensorLoader:
         self.mean = None if mean is None else mean.tolist()
         self.std = None if std is None else std.tolist()
         self.epoch = 0
+        self._position: tuple[int, torch.Tensor] | None = None
+        self.generator: torch.Generator | None = None
         self.data_seconds = 0.0  # time spent producing batches (for the data-share measurement)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def position(self, batches_done: int) -> tuple[int, torch.Tensor]:
+        """Where the current pass stands after `batches_done` batches (for a mid-epoch checkpoint)."""
+        return batches_done, self.generator.get_state()
+
+    def resume_at(self, position: tuple[int, torch.Tensor]) -> None:
+        """The next pass starts where `position` says, with the same order and augmentation as before."""
+        self._position = position
 
     def __len__(self) -> int:
         n = len(self.y)
@@ -88,7 +98,11 @@ class TensorLoader:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         n = len(self.y)
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        for i in range(len(self)):
+        first, self._position = self._position, None
+        if first is not None:  # continue an interrupted epoch: skip its done batches and their random draws
+            g.set_state(first[1])
+        self.generator = g
+        for i in range(first[0] if first else 0, len(self)):
             start = time.perf_counter()
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.prepare(self.x[idx], g if self.shuffle else None) if self.load_x else None

@@ -48,6 +48,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
 # Checkpoints are per epoch and per worker (tag "" for one process, ".rank<r>" for distributed workers):
 # ckpt-e<epoch><tag>.pt. A worker drops its older ones only once every worker has written the newer
 # one, so some epoch is always held by all, and a run killed mid-save resumes from that epoch.
+PARTIAL_CHECKPOINT = "ckpt-partial.pt"  # serial runtime: the state at a Ctrl-C/SIGTERM inside an epoch
+
+
 def checkpoint_path(run_dir: Path, epoch: int, tag: str = "") -> Path:
     return Path(run_dir) / f"ckpt-e{epoch}{tag}.pt"
 

@@ -48,6 +48,7 @@ class DistributedRuntime:
         self.account: dict[str, float] = {}
         self.worker_stats: list[dict] = []
         self.checkpoint_tag = f".rank{self.rank}"  # one checkpoint file per worker
+        self.stops_between_steps = False
         self.fault = InjectedFault.from_env(self.rank)
 
     # -- training -------------------------------------------------------------------------------
@@ -62,7 +63,10 @@ class DistributedRuntime:
         if deferred is not None and not self.first:
             self.channel.send(deferred, self.rank - 1, BACKWARD)
 
-    def train_epoch(self, loader: TensorLoader, on_batch=None) -> dict[str, float]:
+    def train_epoch(self, loader: TensorLoader, on_batch=None, stop=None, partial=None) -> dict[str, float]:
+        """One pass over `loader`. Workers are stopped by their launcher, between epochs' checkpoints:
+        `stop` and `partial` (mid-epoch stops) are the serial runtime's only."""
+        assert partial is None, "the distributed runtime resumes from whole epochs"
         self.stage.train(True)
         wire = self.stage.wire
         total: dict[str, torch.Tensor] = {}

@@ -114,7 +114,8 @@ def watch(procs) -> int | None:
         time.sleep(0.05)
 
 
-def stop(procs, grace: float = 3.0) -> None:
+def stop(procs, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` s (a serial run saves its mid-epoch checkpoint in between)."""
     for p in procs:
         if p.is_alive():
             p.terminate()

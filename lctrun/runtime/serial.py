@@ -13,6 +13,7 @@ from lctrun.runtime.accounting import SavedTensors, state_account
 from lctrun.runtime.base import EvalOutput, add_metrics, averages, check_step, stage_prefix
 from lctrun.runtime.faults import InjectedFault
 from lctrun.runtime.memory import PeakMemory
+from lctrun.runtime.stop import EpochInterrupted
 
 
 def to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -24,6 +25,7 @@ class SerialRuntime:
     needs_inputs = True
     rank = 0
     checkpoint_tag = ""
+    stops_between_steps = True  # Ctrl-C/SIGTERM save a mid-epoch checkpoint
 
     def __init__(self, method: Method, stages: list[Stage]):
         self.method, self.stages = method, stages
@@ -47,12 +49,18 @@ class SerialRuntime:
                 if deferred is not None:
                     backward[k] = deferred
 
-    def train_epoch(self, loader: TensorLoader, on_batch: Callable[[], None] | None = None) -> dict[str, float]:
+    def train_epoch(
+        self, loader: TensorLoader, on_batch: Callable[[], None] | None = None, stop=None, partial: dict | None = None
+    ) -> dict[str, float]:
+        """One pass over `loader`; `partial` continues a pass stopped by `stop` (an EpochInterrupted's)."""
         for stage in self.stages:
             stage.train(True)
-        total: dict[str, torch.Tensor] = {}
-        samples, start = 0, time.perf_counter()
-        for step, batch in enumerate(loader, 1):
+        total: dict[str, torch.Tensor] = dict(partial["total"]) if partial else {}
+        samples = partial["samples"] if partial else 0
+        start = time.perf_counter() - (partial["seconds"] if partial else 0.0)
+        if partial:
+            loader.resume_at(partial["position"])
+        for step, batch in enumerate(loader, partial["step"] + 1 if partial else 1):
             if not self.account:
                 with SavedTensors() as saved:
                     self.step(batch.x, batch.y, batch.idx, total, (loader.epoch, step))
@@ -62,6 +70,10 @@ class SerialRuntime:
             samples += len(batch.y)
             if on_batch:
                 on_batch()
+            if stop and step < len(loader):
+                seconds = time.perf_counter() - start
+                done = {"step": step, "total": total, "samples": samples, "seconds": seconds}
+                raise EpochInterrupted({**done, "position": loader.position(step)})
         seconds = round(time.perf_counter() - start, 3)
         devices = ",".join(sorted({str(s.device) for s in self.stages}))
         state = [state_account(s) for s in self.stages]
