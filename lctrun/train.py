@@ -185,18 +185,18 @@ def save_checkpoint(run_dir: Path, epoch: int, runtime) -> None:
     rundir.save_checkpoint(rundir.checkpoint_path(run_dir, epoch, runtime.checkpoint_tag), state)
     runtime.barrier()
     rundir.drop_checkpoints_before(run_dir, epoch, runtime.checkpoint_tag)
-    (run_dir / rundir.PARTIAL_CHECKPOINT).unlink(missing_ok=True)
+    rundir.partial_checkpoint_path(run_dir, runtime.checkpoint_tag).unlink(missing_ok=True)
 
 
 def save_partial_checkpoint(run_dir: Path, epoch: int, runtime, partial: dict) -> None:
-    """The state at a stop inside `epoch` (serial runtime): what it takes to finish the epoch exactly."""
+    """This worker's state at a stop inside `epoch`: what it takes to finish the epoch from there."""
     state = {"epoch": epoch, "partial": partial, "runtime": runtime.state_dict(), "rng": rng_state()}
-    rundir.save_checkpoint(run_dir / rundir.PARTIAL_CHECKPOINT, state)
+    rundir.save_checkpoint(rundir.partial_checkpoint_path(run_dir, runtime.checkpoint_tag), state)
 
 
-def load_partial_checkpoint(run_dir: Path, epoch: int) -> dict | None:
-    """The mid-epoch checkpoint that continues `epoch`, if there is one."""
-    path = run_dir / rundir.PARTIAL_CHECKPOINT
+def load_partial_checkpoint(run_dir: Path, epoch: int, tag: str) -> dict | None:
+    """This worker's mid-epoch checkpoint that continues `epoch`, if there is one."""
+    path = rundir.partial_checkpoint_path(run_dir, tag)
     if not path.exists():
         return None
     state = load_checkpoint(path)
@@ -216,7 +216,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def resume_hint(run_dir: Path) -> str:
     """How to continue a stopped run ("" when nothing was saved: there is nothing to continue)."""
-    epoch, partial = rundir.resumable_epoch(run_dir), (run_dir / rundir.PARTIAL_CHECKPOINT).exists()
+    epoch, partial = rundir.resumable_epoch(run_dir), any(Path(run_dir).glob("ckpt-partial*.pt"))
     if not epoch and not partial:
         return ""
     kept = " and ".join([f"epochs 1-{epoch}"] * bool(epoch) + ["a mid-epoch checkpoint"] * partial)
@@ -246,8 +246,10 @@ def train(
     start_epoch, rows, resumed = 0, [], None
     if resume:
         start_epoch = rundir.common_epoch(runtime.gather(rundir.checkpoint_epochs(run_dir, tag)))
-        if runtime.stops_between_steps:
-            resumed = load_partial_checkpoint(run_dir, start_epoch + 1)
+        resumed = load_partial_checkpoint(run_dir, start_epoch + 1, tag)
+        where = runtime.gather(resumed and resumed["partial"]["step"])
+        if len(set(where)) > 1:  # not every worker saved the same step: continue from the whole epoch
+            resumed = None
     if start_epoch or resumed:
         state = resumed or load_checkpoint(rundir.checkpoint_path(run_dir, start_epoch, tag))
         runtime.load_state_dict(state["runtime"])
@@ -277,10 +279,8 @@ def train(
     ) as progress:
         epoch = start_epoch
         try:
-            with StopRequest(runtime.stops_between_steps) as stop:
+            with StopRequest(runtime.stop_signals) as stop:
                 for epoch in range(start_epoch + 1, cfg.epochs + 1):
-                    if stop:  # asked between epochs: everything up to here is saved
-                        raise KeyboardInterrupt
                     partial = resumed["partial"] if resumed and resumed["epoch"] == epoch else None
                     task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, info="")
                     progress.update(task, completed=partial["step"] if partial else 0)
@@ -308,6 +308,8 @@ def train(
                         info += f" test {row['test_acc']:.2f}%" if "test_acc" in row else ""
                         progress.update(task, info=info)
                     save_checkpoint(run_dir, epoch, runtime)
+                    if runtime.agree(bool(stop)) and epoch < cfg.epochs:  # asked during evaluation or saving
+                        raise LctrunError(f"interrupted after epoch {epoch}{resume_hint(run_dir)}")
         except EpochInterrupted as stopped:
             save_partial_checkpoint(run_dir, epoch, runtime, stopped.partial)
             raise LctrunError(interrupted_message(run_dir, epoch, stopped.partial["step"], steps_per_epoch)) from None

@@ -186,6 +186,7 @@ def test_ctrl_c_stops_every_worker(tmp_path):
     assert proc.returncode != 0 and "interrupted" in err and "Traceback" not in err
     assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split() == []
     assert read_rows(tmp_path / "metrics.csv")  # what was written stays
+    assert f"continue with: lctrun train --resume {tmp_path}" in " ".join(err.split())
 
 
 def test_bench_measures_every_configuration(tmp_path):

@@ -142,6 +142,25 @@ def test_a_killed_distributed_run_resumes_to_the_same_result(tmp_path, monkeypat
     same_rows(whole.rows, resumed.rows, rel=1e-5)
 
 
+@pytest.mark.slow
+def test_a_stopped_distributed_run_saves_every_worker_at_one_step_and_resumes(tmp_path, monkeypatch):
+    """The launcher's stop request reaches rank 0, which ends the epoch for every worker at the next
+    step it asks (every 8; the decision travels with the activations); each saves that step, and the
+    resume continues from it. With pipeline_depth=1 the result equals the uninterrupted run."""
+    overrides = ["model.name=cnn-small", "model.split=[conv2]", "method=lct", "runtime=distributed", "pipeline_depth=1"]
+    cfg = load_experiment(None, TINY + overrides + ["data.batch_size=4"])  # 16 steps; asked every 8
+    whole = run_training(cfg, run_dir=tmp_path / "whole")
+    monkeypatch.setenv("LCTRUN_INJECT_FAULT", f"0:{16 + 3}:stop")
+    with pytest.raises(LctrunError, match=r"interrupted after step 8/16 of epoch 2 \(saved\)"):
+        run_training(cfg, run_dir=tmp_path / "part")
+    partial = sorted(f.name for f in (tmp_path / "part").glob("ckpt-partial*"))
+    assert partial == ["ckpt-partial.rank0.pt", "ckpt-partial.rank1.pt"]
+    monkeypatch.delenv("LCTRUN_INJECT_FAULT")
+    resumed = run_training(cfg, run_dir=tmp_path / "part", resume=True)
+    same_rows(whole.rows, resumed.rows, rel=1e-5)
+    assert not list((tmp_path / "part").glob("ckpt-partial*"))
+
+
 @pytest.mark.parametrize("runtime", ["serial", pytest.param("distributed", marks=pytest.mark.slow)])
 def test_divergence_names_method_group_and_step(tmp_path, runtime):
     overrides = TINY + METHODS["dgl"] + ["method=dgl", "optim.lr=1e12", f"runtime={runtime}"]

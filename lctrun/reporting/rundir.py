@@ -48,11 +48,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
 # Checkpoints are per epoch and per worker (tag "" for one process, ".rank<r>" for distributed workers):
 # ckpt-e<epoch><tag>.pt. A worker drops its older ones only once every worker has written the newer
 # one, so some epoch is always held by all, and a run killed mid-save resumes from that epoch.
-PARTIAL_CHECKPOINT = "ckpt-partial.pt"  # serial runtime: the state at a Ctrl-C/SIGTERM inside an epoch
 
 
 def checkpoint_path(run_dir: Path, epoch: int, tag: str = "") -> Path:
     return Path(run_dir) / f"ckpt-e{epoch}{tag}.pt"
+
+
+def partial_checkpoint_path(run_dir: Path, tag: str = "") -> Path:
+    """The state at a stop inside an epoch (Ctrl-C, SIGTERM), until that epoch ends."""
+    return Path(run_dir) / f"ckpt-partial{tag}.pt"
 
 
 def checkpoint_epochs(run_dir: Path, tag: str = "") -> set[int]:

@@ -12,6 +12,7 @@ The stage's `wire` gives the message shapes and D for the epoch (they change bet
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from collections import deque
@@ -32,7 +33,10 @@ from lctrun.runtime.base import EvalOutput, add_metrics, averages, check_step, s
 from lctrun.runtime.faults import InjectedFault
 from lctrun.runtime.memory import PeakMemory
 from lctrun.runtime.processes import run_processes
+from lctrun.runtime.stop import EpochInterrupted
 from lctrun.runtime.transport import BACKWARD, EVAL, FORWARD, Channel
+
+STOP_CHECK_EVERY = 8
 
 
 class DistributedRuntime:
@@ -48,7 +52,7 @@ class DistributedRuntime:
         self.account: dict[str, float] = {}
         self.worker_stats: list[dict] = []
         self.checkpoint_tag = f".rank{self.rank}"  # one checkpoint file per worker
-        self.stops_between_steps = False
+        self.stop_signals = (signal.SIGUSR1,)  # from the launcher; SIGTERM still ends a worker at once
         self.fault = InjectedFault.from_env(self.rank)
 
     # -- training -------------------------------------------------------------------------------
@@ -63,16 +67,32 @@ class DistributedRuntime:
         if deferred is not None and not self.first:
             self.channel.send(deferred, self.rank - 1, BACKWARD)
 
+    def _stops_after(self, step: int, stop, steps: int) -> bool:
+        """Whether every worker ends the epoch after `step`: rank 0 decides (it is the one the launcher
+        asks to stop) and the decision travels down the chain with the activations. Asked every
+        STOP_CHECK_EVERY steps only: each question is a message (a few % of a small model's step)."""
+        if step % STOP_CHECK_EVERY:
+            return False
+        stops = bool(stop) and step < steps if self.first else self.channel.recv_flag(self.rank - 1)
+        if not self.last:
+            self.channel.send_flag(stops, self.rank + 1)
+        return stops
+
     def train_epoch(self, loader: TensorLoader, on_batch=None, stop=None, partial=None) -> dict[str, float]:
-        """One pass over `loader`. Workers are stopped by their launcher, between epochs' checkpoints:
-        `stop` and `partial` (mid-epoch stops) are the serial runtime's only."""
-        assert partial is None, "the distributed runtime resumes from whole epochs"
+        """One pass over `loader`; `partial` continues a pass that `stop` ended early (an EpochInterrupted's).
+
+        A stop drains the pipeline like an epoch end, so with pipeline depth > 1 the resumed run equals an
+        uninterrupted one only up to where the feedback of the last steps is applied."""
         self.stage.train(True)
         wire = self.stage.wire
-        total: dict[str, torch.Tensor] = {}
+        total: dict[str, torch.Tensor] = dict(partial["total"]) if partial else {}
         waiting: deque[int] = deque()  # batch sizes still owed feedback, oldest first
-        samples, start = 0, time.perf_counter()
-        for step, batch in enumerate(loader, 1):
+        samples = partial["samples"] if partial else 0
+        start = time.perf_counter() - (partial["seconds"] if partial else 0.0)
+        if partial:
+            loader.resume_at(partial["position"])
+        stopped = 0
+        for step, batch in enumerate(loader, partial["step"] + 1 if partial else 1):
             self.fault.tick()
             x = self._input(batch, FORWARD, wire.in_shape)
             y = batch.y.to(self.stage.device, non_blocking=True)
@@ -86,6 +106,7 @@ class DistributedRuntime:
             add_metrics(total, out.metrics)
             if not self.last:
                 self.channel.send(out.forward, self.rank + 1, FORWARD)
+            stops = self._stops_after(step, stop, len(loader))
             if out.backward is not None and not self.first:
                 self.channel.send(out.backward, self.rank - 1, BACKWARD)
             if wire.feedback_shape is not None:
@@ -95,9 +116,15 @@ class DistributedRuntime:
             samples += len(batch.y)
             if on_batch:
                 on_batch()
+            if stops:
+                stopped = step
+                break
         while waiting:
             self._take_feedback(waiting.popleft())
         self.channel.flush()
+        if stopped:
+            done = {"step": stopped, "total": total, "samples": samples, "seconds": time.perf_counter() - start}
+            raise EpochInterrupted({**done, "position": loader.position(stopped)})
         seconds = time.perf_counter() - start
         stats = {
             "worker": self.rank,

@@ -2,7 +2,8 @@
 
 STEP counts training steps of this process from its start (across epochs), so a fault can land in
 any epoch. KIND: raise (an exception), kill (SIGKILL, no clean-up at all), interrupt (SIGINT, as
-Ctrl-C), term (SIGTERM, as a scheduler's stop). Off unless the variable names this worker's rank.
+Ctrl-C), term (SIGTERM, as a scheduler's stop), stop (SIGUSR1, as the launcher asks its workers
+after a Ctrl-C). Off unless the variable names this worker's rank.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 
-KINDS = {"kill": signal.SIGKILL, "interrupt": signal.SIGINT, "term": signal.SIGTERM}
+KINDS = {"kill": signal.SIGKILL, "interrupt": signal.SIGINT, "term": signal.SIGTERM, "stop": signal.SIGUSR1}
 
 
 class InjectedFault:

@@ -60,6 +60,7 @@ def run_processes(body, count: int, what: str = "worker", where="", console=None
         try:
             failed = watch(procs)
         except KeyboardInterrupt:
+            ask_to_stop(procs)
             stop(procs)
             raise LctrunError(f"interrupted: all {count} {what}s stopped{_text(where)}") from None
         if failed is not None:
@@ -114,8 +115,22 @@ def watch(procs) -> int | None:
         time.sleep(0.05)
 
 
-def stop(procs, grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after `grace` s (a serial run saves its mid-epoch checkpoint in between)."""
+def ask_to_stop(procs, grace: float = 30.0) -> None:
+    """SIGUSR1: a training run stops after its current step and saves it (runtime/stop.py). Wait up to
+    `grace` s for every process to finish; a second Ctrl-C stops waiting."""
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGUSR1)
+    deadline = time.time() + grace
+    try:
+        while any(p.is_alive() for p in procs) and time.time() < deadline:
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        pass
+
+
+def stop(procs, grace: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` s."""
     for p in procs:
         if p.is_alive():
             p.terminate()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 
@@ -25,7 +26,7 @@ class SerialRuntime:
     needs_inputs = True
     rank = 0
     checkpoint_tag = ""
-    stops_between_steps = True  # Ctrl-C/SIGTERM save a mid-epoch checkpoint
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # each asks for a stop between two steps
 
     def __init__(self, method: Method, stages: list[Stage]):
         self.method, self.stages = method, stages

@@ -1,7 +1,8 @@
-"""Stopping cleanly: Ctrl-C (SIGINT) or SIGTERM during training asks for a stop between two steps.
+"""Stopping cleanly: a signal during training asks for a stop between two steps.
 
 A step is never cut in half, so the state saved at the stop is one a resumed run can continue from
-exactly. A second signal stops at once (KeyboardInterrupt), keeping only the finished epochs.
+exactly. A second signal stops at once (KeyboardInterrupt), keeping only the finished epochs. In one
+process the signals are Ctrl-C (SIGINT) and SIGTERM; a launcher asks its workers with SIGUSR1.
 """
 
 from __future__ import annotations
@@ -9,13 +10,11 @@ from __future__ import annotations
 import signal
 import threading
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
 
 class StopRequest:
-    def __init__(self, enabled: bool = True):
-        # only the main thread can take signals; worker processes are stopped by their launcher
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+    def __init__(self, signals: tuple[int, ...]):
+        # only the main thread can take signals (a run inside a thread just cannot be stopped this way)
+        self.signals = signals if threading.current_thread() is threading.main_thread() else ()
         self.signal: int | None = None
         self._previous: dict = {}
 
@@ -25,9 +24,9 @@ class StopRequest:
         self.signal = signum
 
     def __enter__(self) -> StopRequest:
-        if self.enabled:  # a signal the launcher ignores (SIGINT in its children) stays ignored
-            taken = [s for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
-            self._previous = {s: signal.signal(s, self._handle) for s in taken}
+        # a signal the launcher ignores (SIGINT in its children) stays ignored
+        taken = [s for s in self.signals if signal.getsignal(s) is not signal.SIG_IGN]
+        self._previous = {s: signal.signal(s, self._handle) for s in taken}
         return self
 
     def __exit__(self, *exc) -> None:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 FORWARD, BACKWARD, EVAL = 1, 2, 3  # message tags: one kind per direction between two neighbours
+CONTROL = 4  # one flag per training step along the chain: does the epoch stop here (Ctrl-C)?
 
 
 class Channel:
@@ -25,6 +26,7 @@ class Channel:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.wait_seconds = 0.0
+        self.flags: deque = deque()  # control sends in flight: never waited on per step, not counted as traffic
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         tensor = tensor.detach()
@@ -46,6 +48,19 @@ class Channel:
         self.bytes_received += buffer.numel() * buffer.element_size()
         return buffer.to(self.device, non_blocking=True)
 
+    def send_flag(self, flag: bool, dst: int) -> None:
+        tensor = torch.tensor([float(flag)], device="cpu" if self.stage_via_cpu else self.device)
+        self.flags.append((dist.isend(tensor, dst, tag=CONTROL), tensor))
+        while self.flags and self.flags[0][0].is_completed():
+            self.flags.popleft()
+
+    def recv_flag(self, src: int) -> bool:
+        buffer = torch.empty(1, device="cpu" if self.stage_via_cpu else self.device)
+        start = time.perf_counter()
+        dist.irecv(buffer, src, tag=CONTROL).wait()
+        self.wait_seconds += time.perf_counter() - start
+        return bool(buffer.item())
+
     def _wait_oldest_send(self) -> None:
         work, _ = self.sends.popleft()
         start = time.perf_counter()
@@ -55,6 +70,8 @@ class Channel:
     def flush(self) -> None:
         while self.sends:
             self._wait_oldest_send()
+        while self.flags:
+            self.flags.popleft()[0].wait()
 
     def take_counters(self) -> dict[str, float]:
         out = {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "wait_s": self.wait_seconds}
