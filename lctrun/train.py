@@ -256,8 +256,10 @@ def train(
         restore_rng(state["rng"])
         rows = [r for r in rundir.read_rows(metrics_path) if r["epoch"] <= start_epoch]
         if main:
-            step = f", at step {resumed['partial']['step']} of epoch {start_epoch + 1}" if resumed else ""
-            console.print(f"resuming {run_dir} after epoch {start_epoch}{step}")
+            where = f"after epoch {start_epoch}" if start_epoch else ""
+            if resumed:
+                where += f"{', ' if start_epoch else ''}at step {resumed['partial']['step']} of epoch {start_epoch + 1}"
+            console.print(f"resuming {run_dir} {where}")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.write_config(run_dir, cfg)
