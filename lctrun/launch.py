@@ -7,8 +7,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lctrun.checkpoints import resume_hint
 from lctrun.config import ConfigError, Experiment, load_experiment, to_dict
-from lctrun.train import RunResult, resume_hint, train
+from lctrun.train import RunResult, train
 
 RESUMABLE = {"epochs", "eval_every"}  # may change on resume: train longer, evaluate more often
 

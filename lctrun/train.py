@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lctrun import checkpoints
 from lctrun.config import Experiment
 from lctrun.data import DataBundle, TensorLoader, load_data, test_loader, train_loader
 from lctrun.errors import ConfigError, LctrunError
@@ -170,64 +171,6 @@ def metrics_row(epoch, plan, loader, metrics, result, lr, seconds, runtime) -> d
     return row
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-
-
-def save_checkpoint(run_dir: Path, epoch: int, runtime) -> None:
-    """This worker's state after `epoch`; older checkpoints go once every worker has this one."""
-    state = {"epoch": epoch, "runtime": runtime.state_dict(), "rng": rng_state()}
-    rundir.save_checkpoint(rundir.checkpoint_path(run_dir, epoch, runtime.checkpoint_tag), state)
-    runtime.barrier()
-    rundir.drop_checkpoints_before(run_dir, epoch, runtime.checkpoint_tag)
-    rundir.partial_checkpoint_path(run_dir, runtime.checkpoint_tag).unlink(missing_ok=True)
-
-
-def save_partial_checkpoint(run_dir: Path, epoch: int, runtime, partial: dict) -> None:
-    """This worker's state at a stop inside `epoch`: what it takes to finish the epoch from there."""
-    state = {"epoch": epoch, "partial": partial, "runtime": runtime.state_dict(), "rng": rng_state()}
-    rundir.save_checkpoint(rundir.partial_checkpoint_path(run_dir, runtime.checkpoint_tag), state)
-
-
-def load_partial_checkpoint(run_dir: Path, epoch: int, tag: str) -> dict | None:
-    """This worker's mid-epoch checkpoint that continues `epoch`, if there is one."""
-    path = rundir.partial_checkpoint_path(run_dir, tag)
-    if not path.exists():
-        return None
-    state = load_checkpoint(path)
-    return state if state["epoch"] == epoch else None
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a file damaged outside lctrun (its own writes are atomic)
-        problem = " ".join(str(e).split())[:120]
-        raise LctrunError(
-            f"cannot resume from {path}: the checkpoint is unreadable ({type(e).__name__}: {problem}); "
-            f"start a new run with another --out"
-        ) from None
-
-
-def resume_hint(run_dir: Path) -> str:
-    """How to continue a stopped run ("" when nothing was saved: there is nothing to continue)."""
-    epoch, partial = rundir.resumable_epoch(run_dir), any(Path(run_dir).glob("ckpt-partial*.pt"))
-    if not epoch and not partial:
-        return ""
-    kept = " and ".join([f"epochs 1-{epoch}"] * bool(epoch) + ["a mid-epoch checkpoint"] * partial)
-    return f"; {run_dir} keeps {kept}; continue with: lctrun train --resume {run_dir}"
-
-
-def interrupted_message(run_dir: Path, epoch: int, step: int | None = None, steps: int = 0) -> str:
-    where = f"after step {step}/{steps} of epoch {epoch} (saved)" if step else f"in epoch {epoch}"
-    return f"interrupted {where}{resume_hint(run_dir) or '; no epoch had finished'}"
-
-
 def train(
     cfg: Experiment,
     run_dir: Path | None = None,
@@ -241,24 +184,18 @@ def train(
     runtime = runtime or make_serial_runtime(p)
     main = runtime.is_main
     run_dir = Path(runtime.agree(str(run_dir or rundir.default_run_dir(cfg))))
-    metrics_path, tag = run_dir / "metrics.csv", runtime.checkpoint_tag
+    metrics_path = run_dir / "metrics.csv"
 
-    start_epoch, rows, resumed = 0, [], None
-    if resume:
-        start_epoch = rundir.common_epoch(runtime.gather(rundir.checkpoint_epochs(run_dir, tag)))
-        resumed = load_partial_checkpoint(run_dir, start_epoch + 1, tag)
-        where = runtime.gather(resumed and resumed["partial"]["step"])
-        if len(set(where)) > 1:  # not every worker saved the same step: continue from the whole epoch
-            resumed = None
-    if start_epoch or resumed:
-        state = resumed or load_checkpoint(rundir.checkpoint_path(run_dir, start_epoch, tag))
+    start_epoch, state, resumed = checkpoints.resume_point(run_dir, runtime) if resume else (0, None, None)
+    rows = []
+    if state is not None:
         runtime.load_state_dict(state["runtime"])
-        restore_rng(state["rng"])
+        checkpoints.restore_rng(state["rng"])
         rows = [r for r in rundir.read_rows(metrics_path) if r["epoch"] <= start_epoch]
         if main:
             where = f"after epoch {start_epoch}" if start_epoch else ""
             if resumed:
-                where += f"{', ' if start_epoch else ''}at step {resumed['partial']['step']} of epoch {start_epoch + 1}"
+                where += f"{', ' if start_epoch else ''}at step {resumed['step']} of epoch {start_epoch + 1}"
             console.print(f"resuming {run_dir} {where}")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -283,7 +220,7 @@ def train(
         try:
             with StopRequest(runtime.stop_signals) as stop:
                 for epoch in range(start_epoch + 1, cfg.epochs + 1):
-                    partial = resumed["partial"] if resumed and resumed["epoch"] == epoch else None
+                    partial, resumed = resumed, None  # only the first epoch continues a stopped one
                     task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, info="")
                     progress.update(task, completed=partial["step"] if partial else 0)
                     train_loader.data_seconds = 0.0
@@ -309,16 +246,17 @@ def train(
                         info = f"loss {row['train_loss']:.3f}"
                         info += f" test {row['test_acc']:.2f}%" if "test_acc" in row else ""
                         progress.update(task, info=info)
-                    save_checkpoint(run_dir, epoch, runtime)
+                    checkpoints.save(run_dir, epoch, runtime)
                     if runtime.agree(bool(stop)) and epoch < cfg.epochs:  # asked during evaluation or saving
-                        raise LctrunError(f"interrupted after epoch {epoch}{resume_hint(run_dir)}")
+                        raise LctrunError(f"interrupted after epoch {epoch}{checkpoints.resume_hint(run_dir)}")
         except EpochInterrupted as stopped:
-            save_partial_checkpoint(run_dir, epoch, runtime, stopped.partial)
-            raise LctrunError(interrupted_message(run_dir, epoch, stopped.partial["step"], steps_per_epoch)) from None
+            checkpoints.save_partial(run_dir, epoch, runtime, stopped.partial)
+            message = checkpoints.interrupted_message(run_dir, epoch, stopped.partial["step"], steps_per_epoch)
+            raise LctrunError(message) from None
         except KeyboardInterrupt:
             if not main:
                 raise
-            raise LctrunError(interrupted_message(run_dir, epoch)) from None
+            raise LctrunError(checkpoints.interrupted_message(run_dir, epoch)) from None
     tables = {}
     classifier = p.data.train_y.dim() == 1  # sub-model exits make no sense per token (language models)
     if cfg.submodels and classifier and (p.method.submodels or (p.method.name == "bp" and len(p.groups) > 1)):

@@ -59,6 +59,10 @@ def partial_checkpoint_path(run_dir: Path, tag: str = "") -> Path:
     return Path(run_dir) / f"ckpt-partial{tag}.pt"
 
 
+def has_partial_checkpoint(run_dir: Path) -> bool:
+    return any(Path(run_dir).glob("ckpt-partial*.pt"))
+
+
 def checkpoint_epochs(run_dir: Path, tag: str = "") -> set[int]:
     pattern = re.compile(rf"ckpt-e(\d+){re.escape(tag)}\.pt")
     return {int(m.group(1)) for f in Path(run_dir).glob("ckpt-e*.pt") if (m := pattern.fullmatch(f.name))}

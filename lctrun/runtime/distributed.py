@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 from collections import deque
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -33,7 +32,7 @@ from lctrun.runtime.base import EvalOutput, add_metrics, averages, check_step, s
 from lctrun.runtime.faults import InjectedFault
 from lctrun.runtime.memory import PeakMemory
 from lctrun.runtime.processes import run_processes
-from lctrun.runtime.stop import EpochInterrupted
+from lctrun.runtime.stop import EpochProgress
 from lctrun.runtime.transport import BACKWARD, EVAL, FORWARD, Channel
 
 STOP_CHECK_EVERY = 8
@@ -85,14 +84,9 @@ class DistributedRuntime:
         uninterrupted one only up to where the feedback of the last steps is applied."""
         self.stage.train(True)
         wire = self.stage.wire
-        total: dict[str, torch.Tensor] = dict(partial["total"]) if partial else {}
         waiting: deque[int] = deque()  # batch sizes still owed feedback, oldest first
-        samples = partial["samples"] if partial else 0
-        start = time.perf_counter() - (partial["seconds"] if partial else 0.0)
-        if partial:
-            loader.resume_at(partial["position"])
-        stopped = 0
-        for step, batch in enumerate(loader, partial["step"] + 1 if partial else 1):
+        run, stopped = EpochProgress(loader, partial), 0
+        for step, batch in run.steps():
             self.fault.tick()
             x = self._input(batch, FORWARD, wire.in_shape)
             y = batch.y.to(self.stage.device, non_blocking=True)
@@ -103,7 +97,7 @@ class DistributedRuntime:
             else:
                 out = self.stage.train_step(x, y, batch.idx)
             check_step(out.metrics, self.method.name, self.rank + 1, loader.epoch, step)
-            add_metrics(total, out.metrics)
+            add_metrics(run.total, out.metrics)
             if not self.last:
                 self.channel.send(out.forward, self.rank + 1, FORWARD)
             stops = self._stops_after(step, stop, len(loader))
@@ -113,7 +107,7 @@ class DistributedRuntime:
                 waiting.append(len(batch.y))
                 while len(waiting) >= wire.depth:
                     self._take_feedback(waiting.popleft())
-            samples += len(batch.y)
+            run.samples += len(batch.y)
             if on_batch:
                 on_batch()
             if stops:
@@ -123,9 +117,8 @@ class DistributedRuntime:
             self._take_feedback(waiting.popleft())
         self.channel.flush()
         if stopped:
-            done = {"step": stopped, "total": total, "samples": samples, "seconds": time.perf_counter() - start}
-            raise EpochInterrupted({**done, "position": loader.position(stopped)})
-        seconds = time.perf_counter() - start
+            raise run.interrupted(stopped)
+        seconds = run.seconds
         stats = {
             "worker": self.rank,
             "group": self.rank + 1,
@@ -138,14 +131,14 @@ class DistributedRuntime:
         }
         stats["compute_s"] = round(seconds - stats["wait_s"], 3)
         gathered = [None] * self.world if self.is_main else None
-        dist.gather_object((total, stats), gathered, dst=0)
+        dist.gather_object((run.total, stats), gathered, dst=0)
         if not self.is_main:
             return {}
         merged: dict[str, torch.Tensor] = {}
         for k, (part, _) in enumerate(gathered):
             add_metrics(merged, part, stage_prefix(k, self.world))
         self.worker_stats = [s for _, s in gathered]
-        return averages(merged, samples)
+        return averages(merged, run.samples)
 
     def begin_epoch(self, plan: EpochPlan) -> None:
         self.stage.begin_epoch(plan)
@@ -297,8 +290,8 @@ def spawn_workers(cfg: Experiment, job, where="", console: Console | None = None
 
 def launch(cfg: Experiment, run_dir: Path | None = None, resume: bool = False, console: Console | None = None):
     """Train with the distributed runtime: in this process under torchrun, else one local process per group."""
+    from lctrun.checkpoints import resume_hint
     from lctrun.reporting.rundir import default_run_dir
-    from lctrun.train import resume_hint
 
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 from collections.abc import Callable
 
 import torch
@@ -14,7 +13,7 @@ from lctrun.runtime.accounting import SavedTensors, state_account
 from lctrun.runtime.base import EvalOutput, add_metrics, averages, check_step, stage_prefix
 from lctrun.runtime.faults import InjectedFault
 from lctrun.runtime.memory import PeakMemory
-from lctrun.runtime.stop import EpochInterrupted
+from lctrun.runtime.stop import EpochProgress
 
 
 def to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -56,26 +55,20 @@ class SerialRuntime:
         """One pass over `loader`; `partial` continues a pass stopped by `stop` (an EpochInterrupted's)."""
         for stage in self.stages:
             stage.train(True)
-        total: dict[str, torch.Tensor] = dict(partial["total"]) if partial else {}
-        samples = partial["samples"] if partial else 0
-        start = time.perf_counter() - (partial["seconds"] if partial else 0.0)
-        if partial:
-            loader.resume_at(partial["position"])
-        for step, batch in enumerate(loader, partial["step"] + 1 if partial else 1):
+        run = EpochProgress(loader, partial)
+        for step, batch in run.steps():
             if not self.account:
                 with SavedTensors() as saved:
-                    self.step(batch.x, batch.y, batch.idx, total, (loader.epoch, step))
+                    self.step(batch.x, batch.y, batch.idx, run.total, (loader.epoch, step))
                 self.account = [{"activations_mb": round(saved.bytes / 2**20, 3)}]
             else:
-                self.step(batch.x, batch.y, batch.idx, total, (loader.epoch, step))
-            samples += len(batch.y)
+                self.step(batch.x, batch.y, batch.idx, run.total, (loader.epoch, step))
+            run.samples += len(batch.y)
             if on_batch:
                 on_batch()
             if stop and step < len(loader):
-                seconds = time.perf_counter() - start
-                done = {"step": step, "total": total, "samples": samples, "seconds": seconds}
-                raise EpochInterrupted({**done, "position": loader.position(step)})
-        seconds = round(time.perf_counter() - start, 3)
+                raise run.interrupted(step)
+        seconds = round(run.seconds, 3)
         devices = ",".join(sorted({str(s.device) for s in self.stages}))
         state = [state_account(s) for s in self.stages]
         self.worker_stats = [
@@ -93,7 +86,7 @@ class SerialRuntime:
                 **self.account[0],
             }
         ]
-        return averages(total, samples)
+        return averages(run.total, run.samples)
 
     def begin_epoch(self, plan: EpochPlan) -> None:
         for stage in self.stages:
