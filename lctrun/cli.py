@@ -77,6 +77,12 @@ def train(
         cfg = load_experiment(find_experiment(experiment), overrides or [])
         if out is not None:
             check_new_run_dir(out)
+    ignored = [o.split("=")[0] for o in overrides or [] if o.startswith("layerpar.")]
+    if ignored and cfg.method not in ("penalty", "al"):
+        raise ConfigError(
+            f"{', '.join(ignored)} only apply to method=penalty or method=al (this run is method={cfg.method}): "
+            f"drop them or set method=penalty|al"
+        )
     result = run_training(cfg, run_dir=resume or out, resume=resume is not None, console=console)
     if result is not None and result.rows:
         console.print(run_summary(result.rows, result.run_dir))

@@ -72,10 +72,11 @@ class CriticConfig:
 class LayerParallelConfig:
     """Penalty / augmented-Lagrangian layer-parallel training (METHODS.md section 4, lctrun/methods/layerpar.py)."""
 
-    beta: float = 1.0  # initial penalty weight
+    beta: float = 0.01  # initial penalty weight
     beta_growth: float = 2.0  # beta *= growth after every parallel epoch (the outer iteration)
     beta_max: float = 1000.0
-    lambda_lr: float = 1.0  # eta, step size of the proximal auxiliary-variable update
+    lambda_lr: float = 100.0  # eta, step size of the proximal auxiliary-variable update
+    fit_step: float = 0.1  # a regression step of group k < K is at most this times the Polyak step (layerpar.py)
     precision: str = "fp32"  # fp32 | bf16 | fp16: storage of lambda, mu and the targets
     downsample: int = 1  # 1 | 2 | 4: spatial factor of what crosses / is stored at a boundary
     filter: str = "avg"  # avg (average pool down, nearest up) | bilinear (antialiased down, bilinear up)
@@ -278,7 +279,7 @@ def validate(cfg: Experiment) -> None:
     if any(c < 1 for c in cfg.critic.convs):
         raise ConfigError(f"critic.convs entries must be >= 1, got {cfg.critic.convs}")
     lp = cfg.layerpar
-    for key in ("beta", "beta_max", "lambda_lr"):
+    for key in ("beta", "beta_max", "lambda_lr", "fit_step"):
         if getattr(lp, key) <= 0:
             raise ConfigError(f"layerpar.{key} must be > 0, got {getattr(lp, key)}")
     if lp.beta_growth < 1:

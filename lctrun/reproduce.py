@@ -10,6 +10,8 @@ A table is data, `experiments/tables/<name>.yaml`:
     scales_from              or: the scales of another table (tables of one paper share them)
     columns                  the measured columns to show (see `measure`)
     reference                label of the run that speedups and memory ratios are relative to
+    layer_serial             label of the model-parallel bp run on the same cut: speedup_vs_layer_serial and
+                             g1_update_vs_bp (how much group 1 learns per epoch) are relative to it
     runs: - label, overrides, rows (final | submodels | ensembles | progressive), published, notes
 
 Each run's config is experiment + scale overrides + run overrides. Runs are cached in
@@ -40,7 +42,7 @@ TABLES_DIR = Path(__file__).resolve().parents[1] / "experiments" / "tables"
 SCALES = ("smoke", "small", "paper")
 ROW_KINDS = ("final", "submodels", "ensembles", "progressive")
 TABLE_KEYS = {"title", "source", "published_setting", "experiment", "scales", "scales_from", "columns", "reference"}
-TABLE_KEYS |= {"runs", "notes"}
+TABLE_KEYS |= {"runs", "notes", "layer_serial"}
 RUN_KEYS = {"label", "overrides", "rows", "published", "notes", "scale_overrides"}
 
 
@@ -66,6 +68,7 @@ class Table:
     runs: list[TableRun]
     reference: str | None = None
     notes: list[str] = field(default_factory=list)
+    layer_serial: str | None = None
 
     def config(self, run: TableRun, scale: str) -> Experiment:
         """The resolved config of one run at one scale (its errors name the table and the run)."""
@@ -113,9 +116,10 @@ def load_table(name: str) -> Table:
             f"{path}: scales {', '.join(missing)} are not defined (each table defines {', '.join(SCALES)})"
         )
     labels = [r.label for r in runs]
+    for key in ("reference", "layer_serial"):
+        if data.get(key) is not None and data[key] not in labels:
+            raise ConfigError(f"{path}: {key} '{data[key]}' is not a run label ({', '.join(labels)})")
     reference = data.get("reference")
-    if reference is not None and reference not in labels:
-        raise ConfigError(f"{path}: reference '{reference}' is not a run label ({', '.join(labels)})")
     return Table(
         name,
         data["title"],
@@ -127,6 +131,7 @@ def load_table(name: str) -> Table:
         runs,
         reference,
         list(data.get("notes") or []),
+        data.get("layer_serial"),
     )
 
 
@@ -192,6 +197,9 @@ def measure(run_dir: Path) -> dict:
     out["peak_mem_mb_per_worker"] = "/".join(f"{p:.0f}" for p in peaks)
     out["mb_sent_per_epoch"] = sum(sum(w["bytes_sent"] for w in ws) for ws in per_epoch) / len(per_epoch) / 2**20
     out["aux_vars_mb"] = max(sum(w.get("aux_vars_mb", 0.0) or 0.0 for w in ws) for ws in per_epoch)
+    # group 1's parameter change per epoch, in the epochs where it learns from its own sub-problem
+    out["g1_updates"] = {r["epoch"]: r["g1_update_norm"] for r in rows if r.get("g1_update_norm") not in (None, "")}
+    out["g1_updates"] = {e: v for e, v in out["g1_updates"].items() if rows[e - 1].get("phase") != "serial"}
     return out
 
 
@@ -215,6 +223,20 @@ def relative(rows: list[dict], reference: str | None) -> None:
             r["speedup"] = ref["train_s"] / r["train_s"]
             r["ideal_speedup"] = ref["train_s"] / r["critical_s"]
             r["mem_vs_ref"] = r["peak_mem_mb"] / ref["peak_mem_mb"]
+
+
+def relative_to_layer_serial(rows: list[dict], reference: str | None) -> None:
+    """speedup_vs_layer_serial, and g1_update_vs_bp: the smallest, over a run's epochs (parallel ones for
+    penalty/al), of group 1's parameter change in that epoch over the reference run's in the same epoch."""
+    ref = next((r for r in rows if r["run"] == reference and r["item"] == ""), None)
+    if ref is None:
+        return
+    for r in rows:
+        if "train_s" in r:
+            r["speedup_vs_layer_serial"] = ref["train_s"] / r["train_s"]
+        ratios = [v / ref["g1_updates"][e] for e, v in (r.get("g1_updates") or {}).items() if ref["g1_updates"].get(e)]
+        if ratios:
+            r["g1_update_vs_bp"] = min(ratios)
 
 
 def published_value(run: TableRun, item: str, column: str):
@@ -273,6 +295,12 @@ def header(table: Table, scale: str, configs: list[Experiment], commit: str) -> 
         )
     if table.reference:
         lines.append(f"- speedup and mem_vs_ref are relative to the run '{table.reference}' (same scale, same machine)")
+    if table.layer_serial:
+        lines.append(
+            f"- speedup_vs_layer_serial is relative to '{table.layer_serial}'; g1_update_vs_bp: group 1's parameter "
+            f"change in an epoch (parallel epochs only, for penalty/al) over that of '{table.layer_serial}' in the "
+            f"same epoch, the smallest over the run's epochs"
+        )
     lines += [f"- {n}" for n in table.notes]
     lines += [f"- {r.label}: {r.notes}" for r in table.runs if r.notes]
     return "\n".join(lines)
@@ -322,6 +350,7 @@ def reproduce(name: str, scale: str = "small", out: Path = Path("results/tables"
             console.print(f"  reused {run_dir}")
         rows += expand(run, run_dir)
     relative(rows, table.reference)
+    relative_to_layer_serial(rows, table.layer_serial)
     frame = assemble(table, rows)
     target = Path(out) / f"{name}-{scale}"
     text = header(table, scale, list(configs.values()), commit)

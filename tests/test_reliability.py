@@ -143,18 +143,32 @@ def test_a_killed_distributed_run_resumes_to_the_same_result(tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_a_stopped_distributed_run_saves_every_worker_at_one_step_and_resumes(tmp_path, monkeypatch):
-    """The launcher's stop request reaches rank 0, which ends the epoch for every worker at the next
-    step it asks (every 8; the decision travels with the activations); each saves that step, and the
-    resume continues from it. With pipeline_depth=1 the result equals the uninterrupted run."""
-    overrides = ["model.name=cnn-small", "model.split=[conv2]", "method=lct", "runtime=distributed", "pipeline_depth=1"]
-    cfg = load_experiment(None, TINY + overrides + ["data.batch_size=4"])  # 16 steps; asked every 8
+@pytest.mark.parametrize(
+    "overrides, batch, stopped",
+    [
+        (["model.name=cnn-small", "model.split=[conv2]", "method=lct"], 4, "8/16"),
+        # parallel phases run group k+1 ahead of group k: every worker stops 4 (pipeline) steps per later group after
+        (["model.name=resnet8", "model.split=[layer1]", "method=penalty"], 4, "12/16"),
+        (["model.name=resnet8", "model.split=[layer1,layer2]", "method=al"], 2, "16/32"),
+    ],
+)
+def test_a_stopped_distributed_run_saves_every_worker_at_one_step_and_resumes(
+    tmp_path, monkeypatch, overrides, batch, stopped
+):
+    """The launcher's stop request reaches rank 0, which ends the epoch for every worker at one step (it asks
+    every 8; the decision travels with the activations, or to every worker for the layer-parallel methods);
+    each saves that step, and the resume continues from it. With pipeline_depth=1 (lct) and for the parallel
+    phases of penalty/al, the result equals the uninterrupted run."""
+    overrides = overrides + ["runtime=distributed", "pipeline_depth=1", f"data.batch_size={batch}"]
+    cfg = load_experiment(None, TINY + overrides)  # 16 or 32 steps; asked every 8
     whole = run_training(cfg, run_dir=tmp_path / "whole")
-    monkeypatch.setenv("LCTRUN_INJECT_FAULT", f"0:{16 + 3}:stop")
-    with pytest.raises(LctrunError, match=r"interrupted after step 8/16 of epoch 2 \(saved\)"):
+    steps = 64 // batch
+    monkeypatch.setenv("LCTRUN_INJECT_FAULT", f"0:{steps + 3}:stop")
+    with pytest.raises(LctrunError, match=rf"interrupted after step {stopped} of epoch 2 \(saved\)"):
         run_training(cfg, run_dir=tmp_path / "part")
+    workers = len(cfg.model.split) + 1
     partial = sorted(f.name for f in (tmp_path / "part").glob("ckpt-partial*"))
-    assert partial == ["ckpt-partial.rank0.pt", "ckpt-partial.rank1.pt"]
+    assert partial == [f"ckpt-partial.rank{k}.pt" for k in range(workers)]
     monkeypatch.delenv("LCTRUN_INJECT_FAULT")
     resumed = run_training(cfg, run_dir=tmp_path / "part", resume=True)
     same_rows(whole.rows, resumed.rows, rel=1e-5)

@@ -14,6 +14,13 @@ One training step of stage k:
 Feedback for a batch arrives in the order the batches were stepped. `stage.wire` tells the runtime
 the shapes of the messages the stage receives and how far it may run ahead; a method whose messages
 change between epochs (the serial-parallel hybrid) changes it in `begin_epoch`.
+
+A wire with order="backward" reverses who goes first (the parallel phases of the layer-parallel
+methods, whose groups read their inputs from stored auxiliary variables): group k+1 steps a batch
+before group k, so the runtime calls `stage.feedback(msg)` with group k+1's message for a batch
+*before* `stage.train_step(x, y, idx)` of that batch (x: the data for group 1, None otherwise), and
+hands group k-1's forward message for the batch to `stage.store_input(msg)` afterwards, up to
+`wire.depth` batches later, in the order the batches were stepped.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ class Wire:
     in_shape: tuple[int, ...]  # the forward message from group k-1 (the data for group 1)
     feedback_shape: tuple[int, ...] | None  # the backward message from group k+1; None: no feedback
     depth: int  # batches in flight before the stage must take the oldest batch's feedback
+    order: str = "forward"  # forward: group k steps a batch first; backward: group k+1 does (see above)
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,10 @@ class Stage:
 
     def feedback(self, msg: torch.Tensor | None) -> torch.Tensor | None:
         return None
+
+    def store_input(self, msg: torch.Tensor) -> None:
+        """order="backward" only: group k-1's forward message for the oldest batch still owed one."""
+        raise NotImplementedError(f"{type(self).__name__} has no wire with order='backward'")
 
     def last_step(self, x: torch.Tensor, y: torch.Tensor, send_back: str | None) -> StepOut:
         """The last group: ordinary backprop on the true loss. `send_back`: grad | loss | None."""

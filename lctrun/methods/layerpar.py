@@ -1,38 +1,52 @@
-"""Penalty and augmented-Lagrangian layer-parallel training, and the serial-parallel hybrid (METHODS.md s.4).
+"""Penalty and augmented-Lagrangian layer-parallel training, and the serial-parallel hybrid (docs: METHODS.md s.4).
 
 Auxiliary variables lambda_k stand for the state at boundary k, one per training sample, stored
 through the boundary filter (filters.py: D down, U up). Per sample the objective is
     loss(Phi_K(U lambda_{K-1}), y) + sum_k beta/2 ||r_k||^2 + <mu_k, r_k>,   r_k = lambda_k - D Phi_k(U lambda_{k-1})
 with mu = 0 for the penalty method. Since beta/2||r||^2 + <mu, r> = beta/2||D Phi_k(U lambda_{k-1}) - t_k||^2 + const
-with the target t_k = lambda_k + mu_k/beta, the parameter sub-problem of group k < K is a regression onto
-t_k, and that of the last group is the classification loss on U lambda_{K-1}: with lambda and mu fixed,
-the K sub-problems share nothing. Each is solved by one optimiser step per batch on its own scale (mean
-squared error, or cross-entropy): beta weighs the auxiliary-variable update only (our choice).
+with the target t_k = lambda_k + mu_k/beta, the parameter sub-problem of group k < K is
+    minimise  mean over the batch of  beta/2 * ||D Phi_k(U lambda_{k-1}) - t_k||^2  (summed over elements)
+and that of the last group is the mean cross-entropy on U lambda_{K-1}: with lambda and mu fixed, the K
+sub-problems share nothing. Both are batch means of the per-sample terms of the objective, so near a
+consistent lambda the regression's gradient, beta (phi - t), is of the order of the gradient backprop
+carries through the boundary (it equals beta/(beta + 1/eta) times it right after a refresh); a mean over
+elements without beta would be ~2/(numel (beta + 1/eta)) smaller, and the lower groups would not learn.
 
-Who holds what: stage k+1 owns lambda_k and mu_k (its input); stage k keeps only its target t_k.
-A parallel step of stage k on the samples idx:
-  1. one optimiser step on its sub-problem at u = U lambda_{k-1}[idx] (the data for k = 1); the same
-     backward gives g = d(its term)/d lambda_{k-1}, the neighbour information for the lambda update;
-  2. sends phi_k = D Phi_k(u) (taken before the step) to stage k+1, which needs it for r_k;
-  3. on phi_{k-1} from stage k-1: one linearised proximal step on lambda_{k-1} (our choice),
+Who holds what: stage k+1 owns lambda_k and mu_k (its input) and phi_k = D Phi_k(U lambda_{k-1}) as
+group k last computed it for each sample. Stage k keeps nothing per sample for boundary k.
+
+Schedule (our choice, and why). The lambda update for a batch needs g = d(term k+1)/d lambda_k, which
+only stage k+1 can compute; stage k's parameter step needs the target that update produces. So within a
+batch the *last* group goes first: a parallel step of stage k on the samples idx is
+  1. take t_k[idx] from stage k+1 (computed by stage k+1 for this very batch; none for k = K);
+  2. one optimiser step on its sub-problem at u = U lambda_{k-1}[idx] (the data for k = 1), with phi_k
+     computed before the step; the same backward gives g = d(its term)/d lambda_{k-1};
+  3. (k > 1) one linearised proximal step on lambda_{k-1}, with the stored phi_{k-1}:
        lambda <- argmin beta/2||lambda - phi + mu/beta||^2 + <g, lambda> + 1/(2 eta)||lambda - lambda_old||^2
                = (beta phi - mu - g + lambda_old/eta) / (beta + 1/eta)          (eta = layerpar.lambda_lr)
-     then, for al, mu <- mu + beta (lambda - phi); and sends the new target lambda + mu/beta back to
-     stage k-1, which stores it for the next time it meets these samples.
-So per batch one filtered tensor crosses each boundary each way, and nobody waits for it: a target is
-used an epoch later. beta grows geometrically per parallel epoch (the outer iteration), up to beta_max.
+     then, for al, mu <- mu + beta (lambda - phi); the new target lambda + mu/beta, with the beta in
+     force now, goes to stage k-1 for its step 1 on this batch;
+  4. sends phi_k to stage k+1, which stores it for the next lambda update of these samples.
+So a target reaches a parameter update in the same visit: every parallel epoch trains every group, also
+the first one after a refresh and with one parallel epoch per SPH cycle, and penalty and al differ
+there (al's target moves by mu/beta as well). The price is that the lambda update uses phi_{k-1} as
+group k-1 computed it at the previous visit of the samples (after a refresh: exactly the current one).
+Per batch one filtered tensor crosses each boundary each way; a worker waits only for the target of the
+batch it is about to step, which the worker after it produced earlier (it runs ahead), and takes the
+forward messages up to PARALLEL_DEPTH batches late. beta grows geometrically per parallel epoch (the
+outer iteration), up to beta_max.
 
 Auxiliary variables tie each sample to one fixed input, so parallel epochs run without augmentation.
 With sph, P parallel epochs alternate with S serial epochs of ordinary model-parallel backprop on
 augmented data; before each parallel phase a forward pass over the (unaugmented) training data
-refreshes lambda_k = D h_k along the chain, the targets to match, and mu = 0 (so at the start of a
-phase every residual is zero). Evaluation always runs the plain model at full resolution.
+refreshes lambda_k = phi_k = D h_k along the chain and mu = 0 (so at the start of a phase every residual
+is zero). That pass runs BatchNorm as training does (batch statistics) but leaves its running statistics
+as they were. Evaluation always runs the plain model at full resolution.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lctrun.config import Experiment
@@ -40,6 +54,7 @@ from lctrun.methods import register
 from lctrun.methods.base import EpochPlan, Method, StageContext, StepOut, Wire, classification_metrics, per_sample_loss
 from lctrun.methods.bp import BPStage
 from lctrun.methods.filters import BoundaryFilter
+from lctrun.models.batchnorm import freeze_batchnorm
 
 STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PARALLEL_DEPTH = 4  # batches a worker may run ahead in a parallel phase: enough to overlap, bounded buffers
@@ -53,13 +68,17 @@ class LayerParallelStage(BPStage):
         self.multipliers = multipliers
         self.dtype = STORAGE[lp.precision]
         self.eta = lp.lambda_lr
-        self.in_stored = self.filter.shape(ctx.in_shape)  # lambda_{k-1}, as stored and sent
+        self.fit_step = lp.fit_step
+        self.in_stored = self.filter.shape(ctx.in_shape)  # lambda_{k-1}, mu_{k-1}, phi_{k-1}: as stored and sent
         self.out_stored = self.filter.shape(ctx.out_shape)  # phi_k and t_k
-        self.lam = self.mu = self.target = None  # (N, *shape), allocated by the first refresh
+        self.lam = self.mu = self.phi = None  # (N, *in_stored), allocated by the first refresh
+        self.target: torch.Tensor | None = None  # t_k for the batch about to be stepped
         self.phase, self.beta = "parallel", lp.beta
 
     # -- phases ---------------------------------------------------------------------------------
     def begin_epoch(self, plan: EpochPlan) -> None:
+        if plan.phase != self.phase:
+            self.opt.state.clear()  # momentum of one phase's problem is no direction for the other's
         self.phase, self.beta = plan.phase, plan.beta or self.beta
         ctx = self.ctx
         if self.phase == "serial":  # model-parallel backprop, as bp
@@ -67,7 +86,7 @@ class LayerParallelStage(BPStage):
         else:
             in_shape = ctx.in_shape if ctx.first else self.in_stored
             depth = max(ctx.cfg.pipeline_depth, PARALLEL_DEPTH)
-            self.wire = Wire(in_shape, None if ctx.last else self.out_stored, depth)
+            self.wire = Wire(in_shape, None if ctx.last else self.out_stored, depth, order="backward")
 
     def _storage(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(self.ctx.num_samples, *shape, dtype=self.dtype, device=self.device)
@@ -77,49 +96,69 @@ class LayerParallelStage(BPStage):
         idx = idx.to(self.device)
         if not self.ctx.first:
             if self.lam is None:
-                self.lam = self._storage(self.in_stored)
+                self.lam, self.phi = self._storage(self.in_stored), self._storage(self.in_stored)
                 self.mu = self._storage(self.in_stored) if self.multipliers else None
-            self.lam[idx] = x.to(self.dtype)
+            self.lam[idx] = self.phi[idx] = x.to(self.dtype)
             if self.mu is not None:
                 self.mu[idx] = 0
         if self.ctx.last:
             return None
-        phi = self.filter.down(self.group(x if self.ctx.first else self.filter.up(x, self.ctx.in_shape)))
-        if self.target is None:
-            self.target = self._storage(self.out_stored)
-        self.target[idx] = phi.to(self.dtype)
-        return phi
+        return self.filter.down(self.group(x if self.ctx.first else self.filter.up(x, self.ctx.in_shape)))
+
+    def train(self, mode: bool = True) -> None:
+        super().train(mode)
+        if mode and self.phase == "parallel" and not self.ctx.last:
+            freeze_batchnorm(self.group)  # phi_s must be a function of sample s alone: it is regressed onto t_s
 
     # -- training -------------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOut:
+    def feedback(self, msg: torch.Tensor) -> torch.Tensor | None:
+        if self.phase == "serial":
+            return super().feedback(msg)
+        self.target = msg  # t_k for the next batch, from stage k+1 (order="backward": before the step)
+        return None
+
+    def store_input(self, msg: torch.Tensor) -> None:
+        self.phi[self.pending.popleft()] = msg.to(self.dtype)
+
+    def train_step(self, x: torch.Tensor | None, y: torch.Tensor, idx: torch.Tensor) -> StepOut:
         if self.phase == "serial":
             return super().train_step(x, y, idx)
         idx = idx.to(self.device)
         lam = None if self.ctx.first else self.lam[idx].float().requires_grad_()
-        u = x if self.ctx.first else self.filter.up(lam, self.ctx.in_shape)
-        out = self.group(u)
-        phi = self.filter.down(out)
+        out = self.group(x if self.ctx.first else self.filter.up(lam, self.ctx.in_shape))
         if self.ctx.last:
-            losses = per_sample_loss(out, y)
-            loss = losses.mean()
+            phi, losses = None, per_sample_loss(out, y)
             metrics = classification_metrics(out, y, losses)
         else:
-            loss = F.mse_loss(phi, self.target[idx].float())
-            metrics = {"fit_loss": loss.detach() * len(y)}
+            phi, target, self.target = self.filter.down(out), self.target.float(), None
+            losses = self.beta / 2 * (phi - target).pow(2).flatten(1).sum(1)
+            metrics = {"fit_loss": losses.detach().sum()}
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.mean().backward()
+        if not self.ctx.last:
+            self.cap_regression_step(losses.mean())
         self.optimizer_step()
         self.steps += 1
-        if not self.ctx.last:
-            self.pending.append(idx)  # where group k+1's new targets for these samples go
         if self.ctx.first:
-            return StepOut(phi.detach(), None, metrics)
-        # d(term of sample s)/d lambda_s from the batch-mean loss: CE is the term itself; the regression's
-        # term is beta/2 * sum of squares, while the loss is the mean over batch and elements.
-        scale = len(y) if self.ctx.last else len(y) * self.beta * phi[0].numel() / 2
-        residual = self.update_aux(idx, x, lam.grad * scale)
+            return StepOut(None if phi is None else phi.detach(), None, metrics)
+        self.pending.append(idx)  # where group k-1's phi for these samples goes when it arrives
+        # the loss is the batch mean of per-sample terms, so d(term of sample s)/d lambda_s = B * lam.grad_s
+        residual = self.update_aux(idx, self.phi[idx].float(), lam.grad * len(y))
         metrics["residual"] = residual.pow(2).flatten(1).sum(1).sum()
         return StepOut(None if self.ctx.last else phi.detach(), self.target_of(idx), metrics)
+
+    @torch.no_grad()
+    def cap_regression_step(self, loss: torch.Tensor) -> None:
+        """Shorten the SGD step on the regression to at most fit_step times the Polyak step loss/||grad||^2,
+        the step that would zero the linearised batch loss. The targets are reachable (the optimum is 0),
+        so a longer step only overshoots them; and the regression, summed over every element of the state,
+        is far stiffer than backprop's loss (its curvature grows as BatchNorm's running variances shrink),
+        so a fixed lr that suits backprop diverges here. fit_step < 1 leaves room for momentum."""
+        grads = [q.grad for q in self.group.parameters() if q.grad is not None]
+        polyak = self.fit_step * loss / (sum(g.pow(2).sum() for g in grads) + 1e-20)
+        if self.lr > polyak:
+            for g in grads:
+                g.mul_(polyak / self.lr)
 
     @torch.no_grad()
     def update_aux(self, idx: torch.Tensor, phi: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -135,26 +174,21 @@ class LayerParallelStage(BPStage):
         return residual
 
     def target_of(self, idx: torch.Tensor) -> torch.Tensor:
-        """t_{k-1} = lambda_{k-1} + mu_{k-1}/beta, what stage k-1 regresses onto."""
+        """t_{k-1} = lambda_{k-1} + mu_{k-1}/beta, with the beta in force: what stage k-1 regresses onto now."""
         lam = self.lam[idx].float()
         return lam if self.mu is None else lam + self.mu[idx].float() / self.beta
 
-    def feedback(self, msg: torch.Tensor) -> torch.Tensor | None:
-        if self.phase == "serial":
-            return super().feedback(msg)
-        self.target[self.pending.popleft()] = msg.to(self.dtype)
-        return None
-
     # -- bookkeeping ----------------------------------------------------------------------------
     def state_tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.lam, self.mu, self.target) if t is not None]
+        return [t for t in (self.lam, self.mu, self.phi) if t is not None]
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "lam": self.lam, "mu": self.mu, "target": self.target}
+        return {**super().state_dict(), "lam": self.lam, "mu": self.mu, "phi": self.phi, "phase": self.phase}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        for key in ("lam", "mu", "target"):
+        self.phase = state["phase"]  # begin_epoch clears the momentum when the phase changes, not on a resume
+        for key in ("lam", "mu", "phi"):
             value = state[key]
             setattr(self, key, None if value is None else value.to(self.device))
 

@@ -21,6 +21,16 @@ def add_metrics(total: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor]
         total[key] = total[key] + value.detach().cpu() if key in total else value.detach().cpu()
 
 
+def parameters_of(stage) -> torch.Tensor:
+    """A copy of the group's parameters, flat: what `update_norm` measures an epoch's change from."""
+    return torch.cat([q.detach().float().flatten().cpu() for q in stage.group.parameters()])
+
+
+def update_norm(stage, before: torch.Tensor) -> dict[str, torch.Tensor]:
+    """||theta_end - theta_start|| of the group over an epoch: how much it learnt (metrics: gK_update_norm)."""
+    return {"update_norm": (parameters_of(stage) - before).norm()}
+
+
 def stage_prefix(k: int, num_groups: int) -> str:
     """Metrics of the last group are the model's own; the others are prefixed with their group."""
     return "" if k == num_groups - 1 else f"g{k + 1}_"

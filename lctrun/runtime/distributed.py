@@ -28,7 +28,7 @@ from lctrun.data import TensorLoader
 from lctrun.errors import ConfigError
 from lctrun.methods import EpochPlan, Method, Stage
 from lctrun.runtime.accounting import SavedTensors, state_account
-from lctrun.runtime.base import EvalOutput, add_metrics, averages, check_step, stage_prefix
+from lctrun.runtime.base import EvalOutput, add_metrics, averages, check_step, parameters_of, stage_prefix, update_norm
 from lctrun.runtime.faults import InjectedFault
 from lctrun.runtime.memory import PeakMemory
 from lctrun.runtime.processes import run_processes
@@ -77,6 +77,32 @@ class DistributedRuntime:
             self.channel.send_flag(stops, self.rank + 1)
         return stops
 
+    def _store_input(self, batch_size: int) -> None:
+        self.stage.store_input(self.channel.recv((batch_size, *self.stage.wire.in_shape), self.rank - 1, FORWARD))
+
+    def _stops_after_last_first(self, step: int, stop, steps: int, depth: int) -> bool:
+        """_stops_after for order="backward", where worker k runs up to k * depth steps ahead of worker 0:
+        rank 0 asks at step s and sends the answer to every worker; all stop after step s + (K-1) depth.
+        Worker k reads the answer after its step s + k depth, so nobody waits for it; once the answer is yes,
+        nobody asks again."""
+        margin = (self.world - 1) * depth
+        asked = step - self.rank * depth
+        if (
+            self.stop_at is None
+            and asked >= self.first_step
+            and asked % STOP_CHECK_EVERY == 0
+            and asked + margin < steps
+        ):
+            if self.first:
+                stops = bool(stop)
+                for rank in range(1, self.world):
+                    self.channel.send_flag(stops, rank)
+            else:
+                stops = self.channel.recv_flag(0)
+            if stops:
+                self.stop_at = asked + margin
+        return self.stop_at == step
+
     def train_epoch(self, loader: TensorLoader, on_batch=None, stop=None, partial=None) -> dict[str, float]:
         """One pass over `loader`; `partial` continues a pass that `stop` ended early (an EpochInterrupted's).
 
@@ -84,11 +110,19 @@ class DistributedRuntime:
         uninterrupted one only up to where the feedback of the last steps is applied."""
         self.stage.train(True)
         wire = self.stage.wire
-        waiting: deque[int] = deque()  # batch sizes still owed feedback, oldest first
-        run, stopped = EpochProgress(loader, partial), 0
+        last_first = wire.order == "backward"
+        waiting: deque[int] = deque()  # batch sizes still owed feedback (or, last_first, a forward message)
+        run, stopped, self.stop_at = EpochProgress(loader, partial, [parameters_of(self.stage)]), 0, None
+        self.first_step = run.first_step  # a resumed pass asks from here on, on every worker
         for step, batch in run.steps():
             self.fault.tick()
-            x = self._input(batch, FORWARD, wire.in_shape)
+            if last_first:
+                if not self.last:
+                    target = self.channel.recv((len(batch.y), *wire.feedback_shape), self.rank + 1, BACKWARD)
+                    self.stage.feedback(target)
+                x = batch.x if self.first else None
+            else:
+                x = self._input(batch, FORWARD, wire.in_shape)
             y = batch.y.to(self.stage.device, non_blocking=True)
             if not self.account:
                 with SavedTensors() as saved:
@@ -98,15 +132,22 @@ class DistributedRuntime:
                 out = self.stage.train_step(x, y, batch.idx)
             check_step(out.metrics, self.method.name, self.rank + 1, loader.epoch, step)
             add_metrics(run.total, out.metrics)
-            if not self.last:
-                self.channel.send(out.forward, self.rank + 1, FORWARD)
-            stops = self._stops_after(step, stop, len(loader))
             if out.backward is not None and not self.first:
                 self.channel.send(out.backward, self.rank - 1, BACKWARD)
-            if wire.feedback_shape is not None:
-                waiting.append(len(batch.y))
-                while len(waiting) >= wire.depth:
-                    self._take_feedback(waiting.popleft())
+            if not self.last:
+                self.channel.send(out.forward, self.rank + 1, FORWARD)
+            if last_first:
+                stops = self._stops_after_last_first(step, stop, len(loader), wire.depth)
+                if not self.first:
+                    waiting.append(len(batch.y))
+                    while len(waiting) > wire.depth:
+                        self._store_input(waiting.popleft())
+            else:
+                stops = self._stops_after(step, stop, len(loader))
+                if wire.feedback_shape is not None:
+                    waiting.append(len(batch.y))
+                    while len(waiting) >= wire.depth:
+                        self._take_feedback(waiting.popleft())
             run.samples += len(batch.y)
             if on_batch:
                 on_batch()
@@ -114,10 +155,14 @@ class DistributedRuntime:
                 stopped = step
                 break
         while waiting:
-            self._take_feedback(waiting.popleft())
+            if last_first:
+                self._store_input(waiting.popleft())
+            else:
+                self._take_feedback(waiting.popleft())
         self.channel.flush()
         if stopped:
             raise run.interrupted(stopped)
+        add_metrics(run.total, update_norm(self.stage, run.params[0]))
         seconds = run.seconds
         stats = {
             "worker": self.rank,

@@ -10,7 +10,7 @@ import torch
 from lctrun.data import TensorLoader
 from lctrun.methods import EpochPlan, Method, Stage
 from lctrun.runtime.accounting import SavedTensors, state_account
-from lctrun.runtime.base import EvalOutput, add_metrics, averages, check_step, stage_prefix
+from lctrun.runtime.base import EvalOutput, add_metrics, averages, check_step, parameters_of, stage_prefix, update_norm
 from lctrun.runtime.faults import InjectedFault
 from lctrun.runtime.memory import PeakMemory
 from lctrun.runtime.stop import EpochProgress
@@ -37,6 +37,8 @@ class SerialRuntime:
     def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, total: dict, where: tuple = (0, 0)) -> None:
         K = len(self.stages)
         self.fault.tick()
+        if self.stages[0].wire.order == "backward":
+            return self.step_last_first(x, y, idx, total, where)
         backward: list[torch.Tensor | None] = [None] * K
         for k, stage in enumerate(self.stages):
             out = stage.train_step(to(x, stage.device), to(y, stage.device), idx)
@@ -49,13 +51,29 @@ class SerialRuntime:
                 if deferred is not None:
                     backward[k] = deferred
 
+    def step_last_first(self, x, y, idx, total: dict, where: tuple) -> None:
+        """A batch of a wire with order="backward": group K steps first, each group's backward message is
+        group k-1's feedback for this batch, and the forward messages are stored afterwards."""
+        K, target = len(self.stages), None
+        forward: list[torch.Tensor | None] = [None] * K
+        for k in range(K - 1, -1, -1):
+            stage = self.stages[k]
+            if k < K - 1:
+                stage.feedback(to(target, stage.device))
+            out = stage.train_step(to(x, stage.device) if k == 0 else None, to(y, stage.device), idx)
+            check_step(out.metrics, self.method.name, k + 1, *where)
+            add_metrics(total, out.metrics, stage_prefix(k, K))
+            target, forward[k] = out.backward, out.forward
+        for k in range(1, K):
+            self.stages[k].store_input(to(forward[k - 1], self.stages[k].device))
+
     def train_epoch(
         self, loader: TensorLoader, on_batch: Callable[[], None] | None = None, stop=None, partial: dict | None = None
     ) -> dict[str, float]:
         """One pass over `loader`; `partial` continues a pass stopped by `stop` (an EpochInterrupted's)."""
         for stage in self.stages:
             stage.train(True)
-        run = EpochProgress(loader, partial)
+        run = EpochProgress(loader, partial, [parameters_of(s) for s in self.stages])
         for step, batch in run.steps():
             if not self.account:
                 with SavedTensors() as saved:
@@ -68,6 +86,8 @@ class SerialRuntime:
                 on_batch()
             if stop and step < len(loader):
                 raise run.interrupted(step)
+        for k, stage in enumerate(self.stages):
+            add_metrics(run.total, update_norm(stage, run.params[k]), stage_prefix(k, len(self.stages)))
         seconds = round(run.seconds, 3)
         devices = ",".join(sorted({str(s.device) for s in self.stages}))
         state = [state_account(s) for s in self.stages]

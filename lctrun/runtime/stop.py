@@ -49,8 +49,9 @@ class EpochInterrupted(Exception):
 class EpochProgress:
     """A runtime's running sums over one pass of a loader: what a stop saves and a resume continues."""
 
-    def __init__(self, loader, partial: dict | None = None):
+    def __init__(self, loader, partial: dict | None = None, params: list | None = None):
         self.loader = loader
+        self.params = partial.get("params") if partial else params  # each group's parameters at the epoch's start
         self.total: dict = dict(partial["total"]) if partial else {}
         self.samples = partial["samples"] if partial else 0
         self.start = time.perf_counter() - (partial["seconds"] if partial else 0.0)
@@ -69,4 +70,5 @@ class EpochProgress:
     def interrupted(self, step: int) -> EpochInterrupted:
         """The stop after `step`, carrying what `EpochProgress(loader, partial)` needs to go on."""
         partial = {"step": step, "total": self.total, "samples": self.samples, "seconds": self.seconds}
+        partial["params"] = self.params
         return EpochInterrupted({**partial, "position": self.loader.position(step)})
