@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,12 @@ def run_training(
     """`isolated`: run a serial run in a fresh process, so that its peak memory is its own."""
     if resume and run_dir is not None:
         check_same_config(cfg, Path(run_dir))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.runtime == "serial" and "RANK" in os.environ and world > 1:
+        raise ConfigError(
+            f"torchrun started {world} processes but runtime=serial trains the whole model in each of them: "
+            f"add runtime=distributed (one process per group), or run without torchrun"
+        )
     if cfg.runtime == "distributed":
         from lctrun.runtime.distributed import launch
 

@@ -206,6 +206,7 @@ def train(
     train_loader, test_loader = make_loaders(p, p.devices[0] if p.devices else "cpu", load_x=runtime.needs_inputs)
     worker_rows = [r for r in rundir.read_rows(run_dir / "workers.csv") if r["epoch"] <= start_epoch]
     steps_per_epoch = len(train_loader)
+    plain = not console.is_terminal  # a log file: one flushed line per epoch, not a bar drawn at the end
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -213,7 +214,7 @@ def train(
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
         console=console,
-        disable=not main,
+        disable=not main or plain,
         transient=False,
     ) as progress:
         epoch = start_epoch
@@ -246,6 +247,9 @@ def train(
                         info = f"loss {row['train_loss']:.3f}"
                         info += f" test {row['test_acc']:.2f}%" if "test_acc" in row else ""
                         progress.update(task, info=info)
+                        if plain:
+                            console.print(f"epoch {epoch}/{cfg.epochs}: {info} ({seconds:.1f} s)", highlight=False)
+                            console.file.flush()
                     checkpoints.save(run_dir, epoch, runtime)
                     if runtime.agree(bool(stop)) and epoch < cfg.epochs:  # asked during evaluation or saving
                         raise LctrunError(f"interrupted after epoch {epoch}{checkpoints.resume_hint(run_dir)}")

@@ -355,6 +355,8 @@ def test_unknown_dataset_names_the_nearest():
 def _real_data_root() -> Path:
     root = os.environ.get("LCTRUN_DATA")
     if not root:
+        if os.environ.get("CI"):  # CI has the data: a missing variable is a broken CI, never a skip
+            pytest.fail("LCTRUN_DATA is not set under CI (.ci/run sets it to ../shared/data)")
         pytest.skip("LCTRUN_DATA is not set: point it at the folder holding MNIST/raw to run this test")
     raw = Path(root) / "MNIST" / "raw"
     needed = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from children import descendants, still_alive
 
 from lctrun.config import load_experiment
 from lctrun.errors import LctrunError
@@ -130,31 +131,24 @@ def test_a_failing_worker_stops_the_run(tmp_path, monkeypatch):
 
 def test_a_killed_worker_stops_the_run_from_the_cli(tmp_path):
     start = time.time()
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lctrun",
-            "train",
-            "experiments/mnist-cnn.yaml",
-            *TINY,
-            "method=lct",
-            "model.split=[conv2]",
-            "runtime=distributed",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
+    args = [*TINY, "method=lct", "model.split=[conv2]", "runtime=distributed", "--out", str(tmp_path)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lctrun", "train", "experiments/mnist-cnn.yaml", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        timeout=120,
         env={**os.environ, "LCTRUN_INJECT_FAULT": "0:2:kill"},
     )
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "worker 0 (group 1) failed: died (signal 9)" in out.stderr
+    workers: set[int] = set()
+    while proc.poll() is None and time.time() - start < 120:  # the launcher's children, while it has them
+        workers |= descendants(proc.pid)
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2 and "Traceback" not in err
+    assert "worker 0 (group 1) failed: died (signal 9)" in err
     assert time.time() - start < 90
-    orphans = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
-    assert orphans == []
+    assert workers and still_alive(workers) == []
 
 
 def test_ctrl_c_stops_every_worker(tmp_path):
@@ -181,12 +175,13 @@ def test_ctrl_c_stops_every_worker(tmp_path):
     deadline = time.time() + 90
     while not (tmp_path / "metrics.csv").exists() and time.time() < deadline:  # wait for training to run
         time.sleep(0.5)
+    workers = descendants(proc.pid)
     proc.send_signal(signal.SIGINT)
     start = time.time()
     _, err = proc.communicate(timeout=30)
     assert time.time() - start < 15
-    assert proc.returncode != 0 and "interrupted" in err and "Traceback" not in err
-    assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split() == []
+    assert proc.returncode == 2 and "interrupted" in err and "Traceback" not in err  # exit 2, as the README says
+    assert workers and still_alive(workers) == []
     assert read_rows(tmp_path / "metrics.csv")  # what was written stays
     assert f"continue with: lctrun train --resume {tmp_path}" in " ".join(err.split())
 
@@ -211,7 +206,7 @@ def test_bench_measures_every_configuration(tmp_path):
         "bp model-parallel, 2 workers",
         "lct 2 workers, pipelined",
     ]
-    assert (frame["samples_per_s"] > 0).all() and frame["speedup_vs_bp_1t"].iloc[0] == 1.0
+    assert (frame["samples_per_s"] > 0).all()
     activation = 64 * 7 * 7 * 4  # conv2's output per sample
     assert frame["bytes_per_sample"].iloc[2] == 2 * activation  # bp: activations forward, gradients back
     assert frame["bytes_per_sample"].iloc[3] == activation + 4  # lct: activations forward, one loss back

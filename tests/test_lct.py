@@ -64,11 +64,11 @@ def test_critic_target_is_detached():
     last_out = second.train_step(out.forward, y, torch.arange(16))
     for q in [*first.group.parameters(), *second.group.parameters()]:
         q.grad = None  # left over from the groups' own steps
-    critic_before = flat(first.aux)
+    critic_before, groups_before = flat(first.aux), [flat(first.group), flat(second.group)]
     first.feedback(last_out.backward)
-    assert all(q.grad is None for q in second.group.parameters())
-    assert all(q.grad is None for q in first.group.parameters())  # the critic step leaves its group alone
-    assert all(q.grad is not None for q in first.aux.parameters())
+    # (the critic's gradient itself, with l_{k+1} detached, is checked exactly in test_method_rules.py)
+    after = [flat(first.group), flat(second.group)]
+    assert all(torch.equal(a, b) for a, b in zip(after, groups_before, strict=True))  # the critic step moves no group
     assert not torch.equal(critic_before, flat(first.aux))
     assert last_out.backward.shape == (16,) and not last_out.backward.requires_grad
 

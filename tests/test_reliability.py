@@ -1,6 +1,8 @@
 """Reliability: resume gives the run that never stopped, interrupts and faults keep what was written,
 divergence stops with a message saying where, and runs are deterministic (serial, CPU)."""
 
+import errno
+import os
 import signal
 import subprocess
 import sys
@@ -8,11 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from children import descendants, still_alive
 from test_cli import lctrun
 
 from lctrun.config import load_experiment
 from lctrun.errors import ConfigError, LctrunError
 from lctrun.launch import run_training
+from lctrun.models import MODELS, ModelSpec
+from lctrun.models.cnn import cnn_small
+from lctrun.reporting import rundir
 from lctrun.reporting.rundir import common_epoch, read_rows, resumable_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +75,68 @@ def test_interrupt_then_resume_gives_the_run_that_never_stopped(tmp_path, monkey
     same_rows(whole.rows, resumed.rows)
     same_rows(whole.rows, read_rows(tmp_path / "part" / "metrics.csv"))
     assert sorted(f.name for f in (tmp_path / "part").glob("ckpt-*")) == ["ckpt-e3.pt"]  # older ones dropped
+
+
+def cnn_with_dropout(num_classes, in_shape):
+    """cnn-small with dropout before its head: training draws from the global RNG at every step."""
+    model = cnn_small(num_classes, in_shape)
+    model.fc1.append(torch.nn.Dropout(0.5))
+    return model
+
+
+def final_parameters(run_dir: Path) -> list[torch.Tensor]:
+    state = torch.load(run_dir / "ckpt-e3.pt", weights_only=False)["runtime"]["stages"]
+    return [v for stage in state for v in stage["group"].values()]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method=lct", "model.name=cnn-small", "model.split=[conv2]", "data.augment=crop-flip"],  # loader generator
+        ["method=bp", "model.name=cnn-dropout"],  # global RNG
+    ],
+    ids=["augmentation", "dropout"],
+)
+def test_resume_keeps_every_random_stream(tmp_path, monkeypatch, overrides):
+    """Interrupted in epoch 2 and resumed: the same metric rows and bitwise the same final parameters, with
+    random crops and flips (the loader's generator) and dropout (torch's global RNG) on."""
+    monkeypatch.setitem(MODELS, "cnn-dropout", ModelSpec(cnn_with_dropout, "cnn-small with dropout"))
+    cfg = load_experiment(None, TINY + overrides)
+    whole = run_training(cfg, run_dir=tmp_path / "whole")
+    monkeypatch.setenv("LCTRUN_INJECT_FAULT", f"0:{STEPS + 2}:interrupt")
+    with pytest.raises(LctrunError, match="interrupted after step 2/4 of epoch 2"):
+        run_training(cfg, run_dir=tmp_path / "part")
+    monkeypatch.delenv("LCTRUN_INJECT_FAULT")
+    resumed = run_training(cfg, run_dir=tmp_path / "part", resume=True)
+    same_rows(whole.rows, resumed.rows)
+    for a, b in zip(final_parameters(whole.run_dir), final_parameters(resumed.run_dir), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_failed_checkpoint_write_keeps_the_last_good_one_and_no_row_twice(tmp_path, monkeypatch):
+    """The disk fills while epoch 2's checkpoint is written, after its metrics row: the previous checkpoint
+    stays whole, no temporary file is left, and the resume gives rows 1, 2, 3 once, as the run that never
+    failed."""
+    cfg = load_experiment(None, TINY + METHODS["lct"] + ["method=lct"])
+    whole = run_training(cfg, run_dir=tmp_path / "whole")
+    fsync = os.fsync
+
+    def full_disk(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(f".ckpt-e2.pt.tmp{os.getpid()}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(rundir.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run_training(cfg, run_dir=tmp_path / "part")
+    monkeypatch.setattr(rundir.os, "fsync", fsync)
+    part = tmp_path / "part"
+    assert [r["epoch"] for r in read_rows(part / "metrics.csv")] == [1, 2]  # the row came before the checkpoint
+    assert sorted(f.name for f in part.iterdir() if f.name.startswith((".", "ckpt"))) == ["ckpt-e1.pt"]
+    torch.load(part / "ckpt-e1.pt", weights_only=False)  # whole
+    resumed = run_training(cfg, run_dir=part, resume=True)
+    same_rows(whole.rows, resumed.rows)
+    same_rows(whole.rows, read_rows(part / "metrics.csv"))
 
 
 def test_sigterm_from_the_cli_keeps_every_row_once_and_resumes(tmp_path):
@@ -215,16 +284,13 @@ def test_stopping_the_launcher_leaves_no_orphan_workers(tmp_path, sig):
     deadline = time.time() + 90
     while len(read_rows(tmp_path / "metrics.csv")) < 2 and time.time() < deadline:
         time.sleep(0.3)
+    workers = descendants(proc.pid)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
     if sig == signal.SIGTERM:
         assert proc.returncode == 2 and "Traceback" not in err, err
         assert "interrupted: all 2 workers stopped;" in err and f"--resume {tmp_path}" in " ".join(err.split())
-    spawned = lambda: subprocess.run(["pgrep", "-f", "multiprocessing.spawn"], capture_output=True).stdout.split()
-    deadline = time.time() + 10
-    while spawned() and time.time() < deadline:
-        time.sleep(0.5)
-    assert spawned() == [], "orphan worker processes"
+    assert workers and still_alive(workers) == [], "orphan worker processes"
     assert read_rows(tmp_path / "metrics.csv")  # what was written stays
 
 

@@ -36,12 +36,26 @@ batch it is about to step, which the worker after it produced earlier (it runs a
 forward messages up to PARALLEL_DEPTH batches late. beta grows geometrically per parallel epoch (the
 outer iteration), up to beta_max.
 
+Step size (our choice, and why). Summed over every element of the state, the regression is far stiffer
+than backprop's loss (its curvature is beta times the squared Jacobian of the group, and grows as
+BatchNorm's running variances shrink): at backprop's learning rate it diverges within a few steps. So a
+regression step is SGD at optim.lr, shortened when needed to fit_step times the Polyak step
+loss/||grad||^2, the step that would zero the linearised batch loss (the optimum is 0: the targets are
+reachable); fit_step = 0.1 leaves room for momentum. Momentum is cleared when the phase changes, since
+one phase's direction means nothing for the other's problem. The defaults beta = 0.01 and eta = 100 put
+the target about g/(beta + 1/eta) = 50 g from the current state at first, which is what makes the lower
+groups learn at a useful rate; beta = 1, eta = 1 gives targets 100x closer and lower groups that barely
+move (measured: results/tables/layer-parallel-small and the README).
+
 Auxiliary variables tie each sample to one fixed input, so parallel epochs run without augmentation.
 With sph, P parallel epochs alternate with S serial epochs of ordinary model-parallel backprop on
 augmented data; before each parallel phase a forward pass over the (unaugmented) training data
 refreshes lambda_k = phi_k = D h_k along the chain and mu = 0 (so at the start of a phase every residual
-is zero). That pass runs BatchNorm as training does (batch statistics) but leaves its running statistics
-as they were. Evaluation always runs the plain model at full resolution.
+is zero). In parallel phases the groups before a cut run BatchNorm on its running statistics (affine
+weights still learn), in the refresh as in their steps: phi_k of a sample must be a function of that
+sample alone, since it is regressed onto a per-sample target (with batch statistics, the batch-to-batch
+change of phi was 50x the learning signal), and the refresh then leaves the running statistics as they
+were. Evaluation always runs the plain model at full resolution.
 """
 
 from __future__ import annotations

@@ -27,12 +27,18 @@ def default_run_dir(cfg: Experiment) -> Path:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file, then rename it over `path`: a crash or a failed write (a full disk) leaves
+    the previous file as it was, and no temporary file behind."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -285,9 +285,14 @@ def run_worker(cfg: Experiment, rank: int, world: int, local_rank: int, init_met
             cfg = replace(cfg, model=replace(cfg.model, split=box[0]))
         p = prepare(cfg, check_devices=False)
         if len(p.groups) != world:
+            fix = (
+                f"start torchrun with --nnodes x --nproc_per_node = {len(p.groups)}"
+                if init_method == "env://"
+                else f"set workers={len(p.groups)}"
+            )
             raise ConfigError(
                 f"runtime=distributed runs one worker per group: {world} workers but the cut gives "
-                f"{len(p.groups)} groups (set workers={len(p.groups)} or change model.split/model.groups)"
+                f"{len(p.groups)} groups ({fix}, or change model.split/model.groups)"
             )
         group_devices(cfg, world)
         stage = build_stage(p, rank, device)
