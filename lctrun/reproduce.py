@@ -213,30 +213,26 @@ def expand(run: TableRun, run_dir: Path) -> list[dict]:
     return [{"run": run.label, "item": str(r[key]), **r.drop(key).to_dict()} for _, r in frame.iterrows()]
 
 
-def relative(rows: list[dict], reference: str | None) -> None:
-    """Speedup (wall clock and the critical-path bound) and memory relative to the reference run."""
-    ref = next((r for r in rows if r["run"] == reference and r["item"] == ""), None)
-    if ref is None:
-        return
-    for r in rows:
-        if "train_s" in r:
+def reference_row(rows: list[dict], label: str | None) -> dict | None:
+    return next((r for r in rows if r["run"] == label and r["item"] == ""), None)
+
+
+def relative(rows: list[dict], reference: str | None, layer_serial: str | None = None) -> None:
+    """Speedup (wall clock and the critical-path bound) and memory relative to the reference run; against the
+    layer-serial (model-parallel bp) run, speedup_vs_layer_serial and g1_update_vs_bp: the smallest, over a
+    run's epochs (parallel ones for penalty/al), of group 1's parameter change over that run's in the same epoch."""
+    ref, serial = reference_row(rows, reference), reference_row(rows, layer_serial)
+    for r in (r for r in rows if "train_s" in r):
+        if ref is not None:
             r["speedup"] = ref["train_s"] / r["train_s"]
             r["ideal_speedup"] = ref["train_s"] / r["critical_s"]
             r["mem_vs_ref"] = r["peak_mem_mb"] / ref["peak_mem_mb"]
-
-
-def relative_to_layer_serial(rows: list[dict], reference: str | None) -> None:
-    """speedup_vs_layer_serial, and g1_update_vs_bp: the smallest, over a run's epochs (parallel ones for
-    penalty/al), of group 1's parameter change in that epoch over the reference run's in the same epoch."""
-    ref = next((r for r in rows if r["run"] == reference and r["item"] == ""), None)
-    if ref is None:
-        return
-    for r in rows:
-        if "train_s" in r:
-            r["speedup_vs_layer_serial"] = ref["train_s"] / r["train_s"]
-        ratios = [v / ref["g1_updates"][e] for e, v in (r.get("g1_updates") or {}).items() if ref["g1_updates"].get(e)]
-        if ratios:
-            r["g1_update_vs_bp"] = min(ratios)
+        if serial is not None:
+            r["speedup_vs_layer_serial"] = serial["train_s"] / r["train_s"]
+            base = serial["g1_updates"]
+            ratios = [v / base[e] for e, v in r["g1_updates"].items() if base.get(e)]
+            if ratios:
+                r["g1_update_vs_bp"] = min(ratios)
 
 
 def published_value(run: TableRun, item: str, column: str):
@@ -349,8 +345,7 @@ def reproduce(name: str, scale: str = "small", out: Path = Path("results/tables"
         if reused:
             console.print(f"  reused {run_dir}")
         rows += expand(run, run_dir)
-    relative(rows, table.reference)
-    relative_to_layer_serial(rows, table.layer_serial)
+    relative(rows, table.reference, table.layer_serial)
     frame = assemble(table, rows)
     target = Path(out) / f"{name}-{scale}"
     text = header(table, scale, list(configs.values()), commit)

@@ -216,8 +216,7 @@ def test_a_killed_distributed_run_resumes_to_the_same_result(tmp_path, monkeypat
     "overrides, batch, stopped",
     [
         (["model.name=cnn-small", "model.split=[conv2]", "method=lct"], 4, "8/16"),
-        # parallel phases run group k+1 ahead of group k: every worker stops 4 (pipeline) steps per later group after
-        (["model.name=resnet8", "model.split=[layer1]", "method=penalty"], 4, "12/16"),
+        # parallel phases run group k+1 ahead of group k: all stop 4 (pipeline) steps per later group after the ask
         (["model.name=resnet8", "model.split=[layer1,layer2]", "method=al"], 2, "16/32"),
     ],
 )
@@ -228,7 +227,7 @@ def test_a_stopped_distributed_run_saves_every_worker_at_one_step_and_resumes(
     every 8; the decision travels with the activations, or to every worker for the layer-parallel methods);
     each saves that step, and the resume continues from it. With pipeline_depth=1 (lct) and for the parallel
     phases of penalty/al, the result equals the uninterrupted run."""
-    overrides = overrides + ["runtime=distributed", "pipeline_depth=1", f"data.batch_size={batch}"]
+    overrides = overrides + ["runtime=distributed", "pipeline_depth=1", f"data.batch_size={batch}", "epochs=2"]
     cfg = load_experiment(None, TINY + overrides)  # 16 or 32 steps; asked every 8
     whole = run_training(cfg, run_dir=tmp_path / "whole")
     steps = 64 // batch
