@@ -73,6 +73,27 @@ def bench_configs(methods: list[str], groups: int, cores: int) -> list[tuple[str
     return rows
 
 
+def check_bench_input(model: str, groups: int, steps: int, warmup: int, methods: list[str], split, shape) -> None:
+    """What would otherwise fail minutes in, after the first configurations ran: one line now."""
+    from lctrun.errors import ConfigError
+    from lctrun.methods import get_method
+    from lctrun.models import build_model, find_model
+
+    if steps < 1 or warmup < 0:
+        raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    if groups < 1:
+        raise ConfigError(f"--groups must be >= 1, got {groups}")
+    for method in methods:
+        get_method(method)  # an unknown method: a one-line error naming the known ones
+    spec = find_model(model)
+    if spec is not None and not split:
+        blocks = len(build_model(model, 10, tuple(shape)).block_names())
+        if groups > blocks:
+            raise ConfigError(
+                f"--groups {groups}: {model} has {blocks} blocks to cut between; use --groups <= {blocks}"
+            )
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -113,9 +134,10 @@ def bench(
     ]
     if split:
         base.append(f"model.split=[{','.join(split)}]")
+    check_bench_input(model, groups, steps, warmup, methods, split, shape)
+    configs = [(label, load_experiment(None, base + extra)) for label, extra in bench_configs(methods, groups, cores)]
     rows = []
-    for label, extra in bench_configs(methods, groups, cores):
-        cfg = load_experiment(None, base + extra)
+    for label, cfg in configs:
         console.print(f"[bold]{label}[/] ...")
         result = spawn_workers(cfg, BenchJob(warmup, steps), console=console)
         workers = result["workers"]

@@ -57,7 +57,16 @@ def resume_point(run_dir: Path, runtime) -> tuple[int, dict | None, dict | None]
     """(epochs done, the state to load or None, the stopped epoch's partial sums or None); every worker
     agrees on it (a collective call)."""
     tag = runtime.checkpoint_tag
-    epoch = rundir.common_epoch(runtime.gather(rundir.checkpoint_epochs(run_dir, tag)))
+    held = runtime.gather(rundir.checkpoint_epochs(run_dir, tag))
+    epoch = rundir.common_epoch(held)
+    newest = max((max(h) for h in held if h), default=0)
+    if newest > epoch + 1:  # a worker drops a checkpoint only once all hold the next: one is missing
+        missing = [k for k, h in enumerate(held) if not h & {newest - 1, newest}]
+        raise LctrunError(
+            f"cannot resume {run_dir}: worker(s) {', '.join(map(str, missing))} hold no checkpoint of epoch "
+            f"{newest - 1} or {newest} (ckpt-e*.rankK.pt), which the others reached; put the missing files back, "
+            f"or start a new run with another --out"
+        )
     path = rundir.partial_checkpoint_path(run_dir, tag)
     state = load(path) if path.exists() else None
     if state is not None and state["epoch"] != epoch + 1:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -220,12 +221,16 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
         if not path.is_file():
             raise ConfigError(f"experiment file not found: {path} (see `lctrun list` for the experiments)")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(path.read_text())
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (an experiment is UTF-8 YAML)") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             problem = " ".join(str(getattr(e, "problem", None) or e).split())  # yaml's reader errors span lines
             raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        if data is None:
+            raise ConfigError(f"{path} is empty: an experiment sets at least one config key (e.g. method: lct)")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: an experiment must be a YAML mapping of config keys")
         data.setdefault("name", path.stem)
@@ -274,15 +279,27 @@ def validate(cfg: Experiment) -> None:
             raise ConfigError(f"data.{key} must be >= 1 (or null for the whole set), got {value}")
     if len(cfg.data.shape) != 3 or any(v < 1 for v in cfg.data.shape):
         raise ConfigError(f"data.shape must be [C, H, W] with sizes >= 1 (e.g. [3, 32, 32]), got {cfg.data.shape}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    ranges = {  # key: (value, low, low allowed, high); every one must also be finite
+        "optim.lr": (cfg.optim.lr, 0, False, math.inf),
+        "optim.momentum": (cfg.optim.momentum, 0, True, 1),
+        "optim.weight_decay": (cfg.optim.weight_decay, 0, True, math.inf),
+        "optim.gamma": (cfg.optim.gamma, 0, False, math.inf),
+        "critic.lr": (cfg.critic.lr, 0, False, math.inf),
+        "critic.weight_decay": (cfg.critic.weight_decay, 0, True, math.inf),
+    }
+    for key, (value, low, low_ok, high) in ranges.items():
+        if not math.isfinite(value) or value < low or (value == low and not low_ok) or value >= high:
+            bound = f"{'>=' if low_ok else '>'} {low}" + (f" and < {high}" if math.isfinite(high) else "")
+            raise ConfigError(f"{key} must be a finite number {bound}, got {value}")
+    if cfg.data.num_classes < 2:
+        raise ConfigError(f"data.num_classes must be >= 2, got {cfg.data.num_classes}")
     if any(c < 1 for c in cfg.critic.convs):
         raise ConfigError(f"critic.convs entries must be >= 1, got {cfg.critic.convs}")
     lp = cfg.layerpar
     for key in ("beta", "beta_max", "lambda_lr", "fit_step"):
-        if getattr(lp, key) <= 0:
-            raise ConfigError(f"layerpar.{key} must be > 0, got {getattr(lp, key)}")
-    if lp.beta_growth < 1:
+        if not getattr(lp, key) > 0 or not math.isfinite(getattr(lp, key)):
+            raise ConfigError(f"layerpar.{key} must be a finite number > 0, got {getattr(lp, key)}")
+    if not 1 <= lp.beta_growth < math.inf:
         raise ConfigError(f"layerpar.beta_growth must be >= 1 (beta never shrinks), got {lp.beta_growth}")
     if lp.cycles is not None:
         per_cycle = lp.parallel_epochs + lp.serial_epochs

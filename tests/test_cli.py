@@ -4,6 +4,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,19 @@ def test_train_writes_a_run_directory(tmp_path, data_root):
         assert column in rows[0]
     assert float(rows[-1]["test_acc"]) > 30  # chance is 10
     assert (run_dir / "ckpt-e2.pt").exists() and (run_dir / "env.json").exists()
+
+
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        (["--groups", "0"], "--groups must be >= 1"),
+        (["--groups", "50"], "--groups 50: resnet20 has"),
+        (["--methods", "bp,nonsense"], "unknown method 'nonsense'"),
+        (["--steps", "0"], "--steps must be >= 1"),
+    ],
+)
+def test_bench_refuses_bad_input_before_running_anything(tmp_path, args, problem):
+    start = time.time()
+    out = lctrun("bench", "resnet20", *args, "--out", str(tmp_path / "bench"))
+    assert out.returncode == 2 and problem in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert time.time() - start < 30 and not (tmp_path / "bench").exists()

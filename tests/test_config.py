@@ -68,3 +68,34 @@ def test_bad_files(tmp_path):
         load_experiment(write(tmp_path, "- 1\n- 2\n"))
     with pytest.raises(ConfigError, match="unknown config key 'data.nmae'"):
         load_experiment(write(tmp_path, "data:\n  nmae: mnist\n"))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=nan", "optim.lr"),
+        ("optim.lr=inf", "optim.lr"),
+        ("optim.momentum=-0.5", "optim.momentum"),
+        ("optim.momentum=1", "optim.momentum"),
+        ("optim.weight_decay=-1e-4", "optim.weight_decay"),
+        ("critic.lr=0", "critic.lr"),
+        ("critic.lr=.inf", "critic.lr"),
+        ("critic.weight_decay=-1", "critic.weight_decay"),
+        ("data.num_classes=0", "data.num_classes"),
+        ("layerpar.beta=nan", "layerpar.beta"),
+        ("layerpar.beta_growth=inf", "layerpar.beta_growth"),
+    ],
+)
+def test_numbers_out_of_range_or_not_finite_are_refused_before_anything_runs(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key} must be"):
+        load_experiment(None, [override])
+
+
+def test_empty_and_binary_experiment_files_are_clear_errors(tmp_path):
+    empty, binary = tmp_path / "empty.yaml", tmp_path / "binary.yaml"
+    empty.write_text("# nothing but a comment\n")
+    binary.write_bytes(b"\xff\xfe\x00method: lct\x80")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_experiment(empty)
+    with pytest.raises(ConfigError, match="not a text file"):
+        load_experiment(binary)

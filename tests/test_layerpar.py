@@ -301,8 +301,8 @@ def test_layer_parallel_with_sph_learns_mnist(tmp_path, data_root, method):
 @pytest.mark.parametrize(
     "overrides, problem",
     [
-        (["method=penalty", "layerpar.beta=0"], "layerpar.beta must be > 0"),
-        (["method=al", "layerpar.lambda_lr=-1"], "layerpar.lambda_lr must be > 0"),
+        (["method=penalty", "layerpar.beta=0"], "layerpar.beta must be a finite number > 0"),
+        (["method=al", "layerpar.lambda_lr=-1"], "layerpar.lambda_lr must be a finite number > 0"),
         (["method=al", "layerpar.downsample=3"], "layerpar.downsample=3 is not one of: 1, 2, 4"),
         (["method=lct", "model.split=[conv2]", "layerpar.beta=3"], "layerpar.beta only apply to method=penalty"),
     ],

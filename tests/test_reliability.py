@@ -14,6 +14,7 @@ import torch
 from children import descendants, still_alive
 from test_cli import lctrun
 
+from lctrun.checkpoints import resume_point
 from lctrun.config import load_experiment
 from lctrun.errors import ConfigError, LctrunError
 from lctrun.launch import run_training
@@ -241,6 +242,11 @@ def test_a_stopped_distributed_run_saves_every_worker_at_one_step_and_resumes(
     resumed = run_training(cfg, run_dir=tmp_path / "part", resume=True)
     same_rows(whole.rows, resumed.rows, rel=1e-5)
     assert not list((tmp_path / "part").glob("ckpt-partial*"))
+    traffic = lambda run: [(w["epoch"], w["worker"], w["bytes_sent"], w["bytes_received"]) for w in run]  # noqa: E731
+    # workers.csv counts the whole stopped epoch, the steps before the stop too
+    assert traffic(read_rows(tmp_path / "whole" / "workers.csv")) == traffic(
+        read_rows(tmp_path / "part" / "workers.csv")
+    )
 
 
 @pytest.mark.parametrize("runtime", ["serial", pytest.param("distributed", marks=pytest.mark.slow)])
@@ -315,3 +321,18 @@ def test_a_stopped_isolated_run_saves_its_step_and_resumes(tmp_path, monkeypatch
     monkeypatch.delenv("LCTRUN_INJECT_FAULT")
     resumed = run_training(cfg, run_dir=tmp_path / "part", resume=True, isolated=True)
     same_rows(whole.rows, resumed.rows)
+
+
+def test_a_missing_worker_checkpoint_is_refused_not_a_silent_restart(tmp_path):
+    """Worker 1 lost its checkpoints while worker 0 holds epoch 2: resuming from scratch would drop two finished
+    epochs without a word, so the resume is refused, naming the worker."""
+    (tmp_path / "ckpt-e2.rank0.pt").write_bytes(b"")
+
+    class TwoWorkers:
+        checkpoint_tag = ".rank0"
+
+        def gather(self, value):
+            return [value, set()]  # what worker 1 holds: nothing
+
+    with pytest.raises(LctrunError, match=r"cannot resume .*: worker\(s\) 1 hold no checkpoint of epoch 1 or 2"):
+        resume_point(tmp_path, TwoWorkers())

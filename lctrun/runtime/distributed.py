@@ -6,7 +6,10 @@ Worker k holds stage k only. Per batch it receives its input from worker k-1, st
 output to worker k+1 and its backward message to worker k-1. With pipeline_depth D it runs ahead up
 to D batches before it must take group k+1's feedback for the oldest one (D=1: synchronous, the same
 updates as the serial runtime). Methods that defer their backward message (bp) always run with D=1.
-The stage's `wire` gives the message shapes and D for the epoch (they change between SPH phases).
+With a wire of order "backward" (the parallel phases of penalty/al) worker k+1 leads instead: worker k
+takes worker k+1's message for a batch before stepping it, and worker k-1's forward message for it up to
+D batches later, so worker k runs up to D batches ahead of worker k-1 and nobody waits for a round trip.
+The stage's `wire` gives the message shapes, D and the order for the epoch (they change between SPH phases).
 """
 
 from __future__ import annotations
@@ -114,6 +117,8 @@ class DistributedRuntime:
         waiting: deque[int] = deque()  # batch sizes still owed feedback (or, last_first, a forward message)
         run, stopped, self.stop_at = EpochProgress(loader, partial, [parameters_of(self.stage)]), 0, None
         self.first_step = run.first_step  # a resumed pass asks from here on, on every worker
+        if partial and "counters" in partial:  # the traffic and waiting before the stop belong to this row too
+            self.channel.add_counters(partial["counters"])
         for step, batch in run.steps():
             self.fault.tick()
             if last_first:
@@ -161,7 +166,9 @@ class DistributedRuntime:
                 self._take_feedback(waiting.popleft())
         self.channel.flush()
         if stopped:
-            raise run.interrupted(stopped)
+            interrupted = run.interrupted(stopped)
+            interrupted.partial["counters"] = self.channel.take_counters()
+            raise interrupted
         add_metrics(run.total, update_norm(self.stage, run.params[0]))
         seconds = run.seconds
         stats = {

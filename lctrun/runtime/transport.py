@@ -73,6 +73,12 @@ class Channel:
         while self.flags:
             self.flags.popleft()[0].wait()
 
+    def add_counters(self, counters: dict[str, float]) -> None:
+        """Continue counting from `counters` (what take_counters gave before a stop inside the epoch)."""
+        self.bytes_sent += counters["bytes_sent"]
+        self.bytes_received += counters["bytes_received"]
+        self.wait_seconds += counters["wait_s"]
+
     def take_counters(self) -> dict[str, float]:
         out = {"bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received, "wait_s": self.wait_seconds}
         self.bytes_sent = self.bytes_received = 0
