@@ -119,7 +119,7 @@ def run_cli(args: list[str]) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-@settings(max_examples=25, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=18, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(st.lists(late, min_size=1, max_size=4))
 def test_train_fails_cleanly_and_leaves_no_run_directory(tmp_path_factory, overrides):
     """Exit 0 with a metrics file, or exit 2 with one line on stderr and no run directory: never a traceback."""

@@ -218,7 +218,7 @@ def test_a_killed_distributed_run_resumes_to_the_same_result(tmp_path, monkeypat
     [
         (["model.name=cnn-small", "model.split=[conv2]", "method=lct"], 4, "8/16"),
         # parallel phases run group k+1 ahead of group k: all stop 4 (pipeline) steps per later group after the ask
-        (["model.name=resnet8", "model.split=[layer1,layer2]", "method=al"], 2, "16/32"),
+        (["model.name=resnet8", "model.split=[layer1,layer2]", "method=al", "data.train_size=48"], 2, "16/24"),
     ],
 )
 def test_a_stopped_distributed_run_saves_every_worker_at_one_step_and_resumes(
@@ -231,7 +231,7 @@ def test_a_stopped_distributed_run_saves_every_worker_at_one_step_and_resumes(
     overrides = overrides + ["runtime=distributed", "pipeline_depth=1", f"data.batch_size={batch}", "epochs=2"]
     cfg = load_experiment(None, TINY + overrides)  # 16 or 32 steps; asked every 8
     whole = run_training(cfg, run_dir=tmp_path / "whole")
-    steps = 64 // batch
+    steps = cfg.data.train_size // batch
     monkeypatch.setenv("LCTRUN_INJECT_FAULT", f"0:{steps + 3}:stop")
     with pytest.raises(LctrunError, match=rf"interrupted after step {stopped} of epoch 2 \(saved\)"):
         run_training(cfg, run_dir=tmp_path / "part")
