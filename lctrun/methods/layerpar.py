@@ -147,10 +147,11 @@ class LayerParallelStage(BPStage):
             phi, target, self.target = self.filter.down(out), self.target.float(), None
             losses = self.beta / 2 * (phi - target).pow(2).flatten(1).sum(1)
             metrics = {"fit_loss": losses.detach().sum()}
+        loss = losses.mean()
         self.opt.zero_grad(set_to_none=True)
-        losses.mean().backward()
+        loss.backward()
         if not self.ctx.last:
-            self.cap_regression_step(losses.mean())
+            self.cap_regression_step(loss)
         self.optimizer_step()
         self.steps += 1
         if self.ctx.first:

@@ -114,7 +114,11 @@ class DistributedRuntime:
         self.stage.train(True)
         wire = self.stage.wire
         last_first = wire.order == "backward"
-        waiting: deque[int] = deque()  # batch sizes still owed feedback (or, last_first, a forward message)
+        # batch sizes still owed a message: feedback from worker k+1, or (last_first) worker k-1's forward one
+        waiting: deque[int] = deque()
+        owed = not self.first if last_first else wire.feedback_shape is not None
+        settle = self._store_input if last_first else self._take_feedback
+        lag = wire.depth if last_first else wire.depth - 1  # batches that may stay owed after a step
         run, stopped, self.stop_at = EpochProgress(loader, partial, [parameters_of(self.stage)]), 0, None
         self.first_step = run.first_step  # a resumed pass asks from here on, on every worker
         if partial and "counters" in partial:  # the traffic and waiting before the stop belong to this row too
@@ -143,16 +147,12 @@ class DistributedRuntime:
                 self.channel.send(out.forward, self.rank + 1, FORWARD)
             if last_first:
                 stops = self._stops_after_last_first(step, stop, len(loader), wire.depth)
-                if not self.first:
-                    waiting.append(len(batch.y))
-                    while len(waiting) > wire.depth:
-                        self._store_input(waiting.popleft())
             else:
                 stops = self._stops_after(step, stop, len(loader))
-                if wire.feedback_shape is not None:
-                    waiting.append(len(batch.y))
-                    while len(waiting) >= wire.depth:
-                        self._take_feedback(waiting.popleft())
+            if owed:
+                waiting.append(len(batch.y))
+                while len(waiting) > lag:
+                    settle(waiting.popleft())
             run.samples += len(batch.y)
             if on_batch:
                 on_batch()
@@ -160,10 +160,7 @@ class DistributedRuntime:
                 stopped = step
                 break
         while waiting:
-            if last_first:
-                self._store_input(waiting.popleft())
-            else:
-                self._take_feedback(waiting.popleft())
+            settle(waiting.popleft())
         self.channel.flush()
         if stopped:
             interrupted = run.interrupted(stopped)
