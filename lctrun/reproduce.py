@@ -15,15 +15,18 @@ A table is data, `experiments/tables/<name>.yaml`:
     runs: - label, overrides, rows (final | submodels | ensembles | progressive), published, notes
 
 Each run's config is experiment + scale overrides + run overrides. Runs are cached in
-<out>/runs/<method>-<key>/, key = hash(resolved config, git commit): a finished run (done.json) is
-reused, an interrupted one resumes from its checkpoint, a changed config or commit runs anew.
+<out>/runs/<method>-<key>/, key = hash(resolved config, code version): a finished run (done.json) is
+reused, an interrupted one resumes from its checkpoint, a changed config or changed training code runs anew.
+The code version hashes the package minus the modules that only present results (rundir.code_version), so
+committing results/ or editing a table's rendering reuses every run. done.json records the commit that made it.
 Outputs: <out>/<table>-<scale>/table.csv, table.md, and PNG plots, with a header naming the scale,
-datasets, hardware and commit.
+datasets, hardware and the commits of the runs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,8 +156,8 @@ def check_table(table: Table) -> None:
 
 
 # -- running --------------------------------------------------------------------------------------
-def cache_key(cfg: Experiment, commit: str) -> str:
-    text = yaml.safe_dump({"config": to_dict(cfg), "commit": commit}, sort_keys=True)
+def cache_key(cfg: Experiment, code: str) -> str:
+    text = yaml.safe_dump({"config": to_dict(cfg), "code": code}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -162,17 +165,17 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
-def run_cached(cfg: Experiment, label: str, cache: Path, commit: str, console: Console) -> tuple[Path, bool]:
+def run_cached(cfg: Experiment, label: str, cache: Path, code: str, console: Console) -> tuple[Path, bool]:
     """(run directory, whether it was reused). Unfinished directories resume from their checkpoint."""
     from lctrun.launch import run_training
 
-    key = cache_key(cfg, commit)
+    key = cache_key(cfg, code)
     run_dir = cache / f"{cfg.method}-{key}"  # the same config in two tables is one run
     done = run_dir / "done.json"
     if done.exists():
         return run_dir, True
     run_training(cfg, run_dir=run_dir, resume=True, console=console, isolated=cfg.runtime == "serial")
-    rundir.write_json(done, {"key": key, "commit": commit, "label": label})
+    rundir.write_json(done, {"key": key, "code": code, "commit": rundir.git_commit(), "label": label})
     return run_dir, False
 
 
@@ -266,7 +269,7 @@ def _items(run: TableRun) -> list[str]:
     return list(run.published) if run.rows != "final" else [""]
 
 
-def header(table: Table, scale: str, configs: list[Experiment], commit: str) -> str:
+def header(table: Table, scale: str, configs: list[Experiment], commits: list[str]) -> str:
     datasets = sorted(
         {f"{c.data.name} ({c.data.train_size or 'all'} train / {c.data.test_size or 'all'} test)" for c in configs}
     )
@@ -281,7 +284,8 @@ def header(table: Table, scale: str, configs: list[Experiment], commit: str) -> 
         f"- the papers' setting: {table.published_setting}",
         f"- measured here: dataset {', '.join(datasets)}; model {', '.join(models)}; "
         f"epochs {', '.join(map(str, epochs))}",
-        f"- hardware: {rundir.hardware_tag()}, devices {'; '.join(devices)}; commit {commit}; "
+        f"- hardware: {rundir.hardware_tag()}, devices {'; '.join(devices)}; runs made by commit "
+        f"{', '.join(commits)} (each run's done.json); rendered "
         f"{pd.Timestamp.now().strftime('%Y-%m-%d %H:%M')}",
     ]
     if scale != "paper" and any(r.published for r in table.runs):
@@ -336,19 +340,20 @@ def reproduce(name: str, scale: str = "small", out: Path = Path("results/tables"
         raise ConfigError(f"--scale {scale!r} is not one of: {', '.join(SCALES)}")
     table = load_table(name)
     check_table(table)
-    commit = rundir.git_commit()
+    code = rundir.code_version()
     configs = {run.label: table.config(run, scale) for run in table.runs}
-    rows = []
+    rows, commits = [], []
     for i, run in enumerate(table.runs, 1):
         console.print(f"[bold]\\[{i}/{len(table.runs)}] {run.label}[/]")
-        run_dir, reused = run_cached(configs[run.label], run.label, Path(out) / "runs", commit, console)
+        run_dir, reused = run_cached(configs[run.label], run.label, Path(out) / "runs", code, console)
+        commits.append(json.loads((run_dir / "done.json").read_text()).get("commit", "unknown"))
         if reused:
             console.print(f"  reused {run_dir}")
         rows += expand(run, run_dir)
     relative(rows, table.reference, table.layer_serial)
     frame = assemble(table, rows)
     target = Path(out) / f"{name}-{scale}"
-    text = header(table, scale, list(configs.values()), commit)
+    text = header(table, scale, list(configs.values()), list(dict.fromkeys(commits)))
     written = write_table(frame, target / "table", text)
     written += plots(table, frame, rows, configs, target)
     console.print(rich_table(frame, title=f"{table.title} [{scale} scale]"))

@@ -60,8 +60,27 @@ def test_the_cache_reuses_a_finished_run_and_reruns_a_changed_config(tmp_path, m
     monkeypatch.undo()
     changed, reused = run_cached(load_experiment(None, TINY + ["optim.lr=0.01"]), "bp", tmp_path, "abc", console)
     assert not reused and changed != first
-    other_commit, reused = run_cached(load_experiment(None, TINY), "bp", tmp_path, "def", console)
-    assert not reused and other_commit not in (first, changed)
+    other_code, reused = run_cached(load_experiment(None, TINY), "bp", tmp_path, "def", console)
+    assert not reused and other_code not in (first, changed)
+
+
+def test_the_code_version_ignores_presentation_modules_and_the_commit(tmp_path, monkeypatch):
+    """Committing results/ (a new commit, or -dirty) must not retrain a table's runs; editing training code must."""
+    from lctrun.reporting import rundir
+
+    before = rundir.code_version()
+    monkeypatch.setattr(rundir, "git_commit", lambda: "0000000-dirty")
+    assert rundir.code_version() == before
+    package = tmp_path / "lctrun"
+    (package / "reporting").mkdir(parents=True)
+    (package / "train.py").write_text("x = 1\n")
+    (package / "reporting" / "tables.py").write_text("y = 1\n")
+    monkeypatch.setattr(rundir, "PACKAGE", package)
+    base = rundir.code_version()
+    (package / "reporting" / "tables.py").write_text("y = 2\n")
+    assert rundir.code_version() == base
+    (package / "train.py").write_text("x = 2\n")
+    assert rundir.code_version() != base
 
 
 @pytest.mark.slow
@@ -105,3 +124,11 @@ def test_an_interrupted_reproduction_retrains_only_what_had_not_finished(tmp_pat
     stop["at"] = None
     reproduce("lct-iclr-table4", "smoke", tmp_path)
     assert len(trained) == 1 and not set(trained) & set(finished)
+
+    # a new commit (say, of the table just written) reuses every run
+    from lctrun.reporting import rundir
+
+    trained.clear()
+    monkeypatch.setattr(rundir, "git_commit", lambda: "fffffff-dirty")
+    reproduce("lct-iclr-table4", "smoke", tmp_path)
+    assert trained == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -95,9 +96,26 @@ def common_epoch(epochs_per_worker: list[set[int]]) -> int:
     return max(shared, default=0)
 
 
+PACKAGE = Path(__file__).resolve().parents[1]
+# modules that only present finished runs; editing them cannot change a run's result
+PRESENTATION = {"reproduce.py", "compare.py", "bench.py", "cli.py", "reporting/tables.py", "reporting/plots.py"}
+
+
+def code_version() -> str:
+    """A hash of the package code that determines a run's result (everything but the presentation modules).
+    The run cache keys on it rather than on the git commit, which changes with every commit of results/."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = path.relative_to(PACKAGE).as_posix()
+        if name not in PRESENTATION:
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def git_commit() -> str:
+    """HEAD's short hash, "-dirty" when the package code (not results/ or docs) has uncommitted changes."""
     try:
-        here = Path(__file__).resolve().parent
+        here = PACKAGE
         out = subprocess.run(
             ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
             capture_output=True,
@@ -105,7 +123,7 @@ def git_commit() -> str:
             timeout=5,
         )
         dirty = subprocess.run(
-            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
             capture_output=True,
             text=True,
             timeout=5,
