@@ -67,6 +67,9 @@ class CriticConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     update_every: int = 1  # train the critics every n steps (ICLR table 3)
+    # lct: what critic k learns to match. next: l_{k+1} (the LCT cascade); final: the true loss l_K of the
+    # output (critic training, Czarnecki et al. 2017: the ICLR table 1 baseline)
+    target: str = "next"
 
 
 @dataclass
@@ -248,6 +251,7 @@ def validate(cfg: Experiment) -> None:
         "model.balance": (cfg.model.balance, ["params", "flops", "time"]),
         "critic.loss": (cfg.critic.loss, ["l1", "mse"]),
         "critic.optim": (cfg.critic.optim, ["adam", "sgd"]),
+        "critic.target": (cfg.critic.target, ["next", "final"]),
         "runtime": (cfg.runtime, ["serial", "distributed"]),
         "layerpar.precision": (cfg.layerpar.precision, ["fp32", "bf16", "fp16"]),
         "layerpar.filter": (cfg.layerpar.filter, ["avg", "bilinear"]),

@@ -41,10 +41,14 @@ def group_params(run_dir: Path) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("method", ["bp", "lct", "dgl", "dni"])
-@pytest.mark.parametrize("split", [["conv2"], ["conv1", "fc1"]])
+@pytest.mark.parametrize(
+    "method, split",
+    [(m, s) for m in ("bp", "lct", "dgl", "dni") for s in (["conv2"], ["conv1", "fc1"])]
+    + [("lct critic.target=final", ["conv1", "fc1"])],  # l_K relayed from group 3 to group 1
+)
 def test_distributed_equals_serial(tmp_path, method, split):
-    overrides = TINY + [f"method={method}", f"model.split=[{','.join(split)}]", "pipeline_depth=1"]
+    method, *extra = method.split()
+    overrides = TINY + [f"method={method}", f"model.split=[{','.join(split)}]", "pipeline_depth=1", *extra]
     serial = run_training(load_experiment(None, overrides), run_dir=tmp_path / "serial")
     dist = run_training(load_experiment(None, overrides + ["runtime=distributed"]), run_dir=tmp_path / "dist")
     a, b = group_params(serial.run_dir), group_params(dist.run_dir)

@@ -70,12 +70,15 @@ def chain(before, x):
     return hs
 
 
-@pytest.mark.parametrize("groups", [2, 3])
-@pytest.mark.parametrize("loss", ["l1", "mse"])
-def test_lct_groups_and_critics_follow_the_cascade(groups, loss):
+@pytest.mark.parametrize(
+    "groups, loss, target",
+    [(2, "l1", "next"), (3, "l1", "next"), (2, "mse", "next"), (3, "mse", "next"), (3, "l1", "final")],
+)
+def test_lct_groups_and_critics_follow_the_cascade(groups, loss, target):
     """Group k < K: -lr grad of mean l_k, l_k = CE(c_k(h_k), y) with the pre-update critic; group K: the true
-    loss; critic k: -lr grad of mean |l_k - l_{k+1}| (or squared), l_{k+1} detached."""
-    before, runtime, x, y = one_step("lct", groups, [f"critic.loss={loss}"])
+    loss; critic k: -lr grad of mean |l_k - l_{k+1}| (or squared), l_{k+1} detached; with critic.target=final
+    (critic training) every critic matches l_K instead."""
+    before, runtime, x, y = one_step("lct", groups, [f"critic.loss={loss}", f"critic.target={target}"])
     hs = chain(before, x)
     losses = [F.cross_entropy(aux(h), y, reduction="none") for (_, aux), h in zip(before[:-1], hs[:-1], strict=False)]
     losses.append(F.cross_entropy(hs[-1], y, reduction="none"))
@@ -83,7 +86,7 @@ def test_lct_groups_and_critics_follow_the_cascade(groups, loss):
         group, critic = before[k]
         assert_moved_by(stage.group, group, losses[k].mean(), LR)
         if k < groups - 1:
-            diff = losses[k] - losses[k + 1].detach()
+            diff = losses[k] - losses[k + 1 if target == "next" else -1].detach()
             assert_moved_by(stage.aux, critic, diff.abs().mean() if loss == "l1" else diff.pow(2).mean(), AUX_LR)
 
 

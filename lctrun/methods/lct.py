@@ -5,6 +5,9 @@ its input arrives detached, so no gradient ever crosses a group boundary. The la
 the true loss. Critic c_k is trained, with its own optimiser, to match the next loss:
 L_ck = mean |l_k - l_{k+1}.detach()| (L1; MSE optional). Per step: the group steps with the
 pre-update critic (at train_step), the critic steps when l_{k+1} arrives (at feedback).
+critic.target=final is "critic training" (Czarnecki et al. 2017, the ICLR table 1 baseline): every critic
+matches the true loss l_K instead, which each group relays to the one before once it arrives, so a group's
+backward message waits for its feedback (as bp's does).
 Weight decay is the optimiser's own, on every group alike (the official code scaled it, a defect).
 """
 
@@ -62,18 +65,20 @@ class CriticStage(Stage):
         self.optimizer_step()
         self.steps += 1
         self.pending.append((losses, stash))
-        back = None if self.ctx.first else losses.detach()
+        relay = self.ctx.cfg.critic.target == "final"  # l_K is sent on from feedback
+        back = None if self.ctx.first or relay else losses.detach()
         return StepOut(h_critic.detach(), back, classification_metrics(logits, y, losses))
 
-    def feedback(self, next_losses: torch.Tensor) -> None:
+    def feedback(self, next_losses: torch.Tensor) -> torch.Tensor | None:
         losses, stash = self.pending.popleft()
         self.critic_steps += 1
+        relayed = next_losses.detach() if self.ctx.cfg.critic.target == "final" and not self.ctx.first else None
         if self.critic_steps % self.ctx.cfg.critic.update_every:
-            return None
+            return relayed
         diff = losses - next_losses.detach()
         critic_loss = diff.abs().mean() if self.ctx.cfg.critic.loss == "l1" else diff.pow(2).mean()
         step_from_stash(self.aux, stash, critic_loss, self.aux_opt)
-        return None
+        return relayed
 
     def aux_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.aux(h)
