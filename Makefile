@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 export LCTRUN_DATA ?= $(abspath ../shared/data)
 
-.PHONY: venv demo test test-fast lint format bench methods-tables clean
+.PHONY: venv demo test test-fast lint format bench methods-tables tables-small clean
 
 venv: $(BIN)/.installed
 $(BIN)/.installed: pyproject.toml
@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(BIN)/lctrun compare experiments/demo-shapes.yaml --methods bp,lct,dgl
+	$(BIN)/lctrun compare experiments/demo-fashion.yaml --methods bp,lct@distributed,dgl@distributed
 
 test: venv
 	$(BIN)/pytest -q
@@ -34,6 +34,11 @@ format: venv
 bench: venv
 	$(BIN)/lctrun bench resnet20 --groups 2 --methods bp,lct,dgl,dni critic.channels=32
 	$(BIN)/lctrun bench resnet20 --groups 2 --methods bp,lct,dgl
+
+# every published table at small scale, 3 seeds where it is an accuracy table (CPU, see README for the time);
+# resumable: finished runs are cached under results/tables/runs/
+tables-small: venv
+	$(BIN)/lctrun reproduce --all --scale small
 
 # bp vs lct (2 and 3 groups) vs dgl vs dni on full MNIST and Fashion-MNIST (CPU, ~25 min)
 METHODS_EPOCHS ?= 2

@@ -156,6 +156,7 @@ def reproduce(
     out: Path = typer.Option(
         Path("results/tables"), "--out", help="Tables go to OUT/<table>-<scale>/, runs to OUT/runs/."
     ),
+    every: bool = typer.Option(False, "--all", help="Every table, one after the other (runs shared and cached)."),
 ) -> None:
     """Re-run a published table at a scale and show our numbers beside the paper's (runs are cached)."""
     import pandas as pd
@@ -164,6 +165,15 @@ def reproduce(
     from lctrun.reproduce import load_table, table_names
     from lctrun.reproduce import reproduce as run_reproduce
 
+    if every:
+        if table is not None:
+            from lctrun.errors import ConfigError
+
+            raise ConfigError(f"give a table name or --all, not both (got '{table}' and --all)")
+        for name in table_names():
+            console.rule(name)
+            run_reproduce(name, scale, out, console)
+        return
     if list_tables or table is None:
         rows = [(n, (t := load_table(n)).title, len(t.runs)) for n in table_names()]
         console.print(rich_table(pd.DataFrame(rows, columns=["table", "title", "runs"]), title="tables"))

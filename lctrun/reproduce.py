@@ -12,6 +12,9 @@ A table is data, `experiments/tables/<name>.yaml`:
     reference                label of the run that speedups and memory ratios are relative to
     layer_serial             label of the model-parallel bp run on the same cut: speedup_vs_layer_serial and
                              g1_update_vs_bp (how much group 1 learns per epoch) are relative to it
+    gap_to                   label of the run (bp) that "vs <label>" columns subtract, ours and the paper's
+    claims: - claim, check   the paper's qualitative claims, checked on our values and on the published ones
+                             (see claims.py); a scale's `seeds: N` runs every run N times (mean ± std)
     runs: - label, overrides, rows (final | submodels | ensembles | progressive), published, notes
 
 Each run's config is experiment + scale overrides + run overrides. Runs are cached in
@@ -25,6 +28,7 @@ datasets, hardware and the commits of the runs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -38,14 +42,16 @@ from rich.console import Console
 from lctrun.config import Experiment, load_experiment, to_dict
 from lctrun.errors import ConfigError
 from lctrun.reporting import rundir
+from lctrun.reporting.claims import check_claim_spec, evaluate_claims
 from lctrun.reporting.plots import Curve, bar_plot, line_plot
-from lctrun.reporting.tables import rich_table, write_table
+from lctrun.reporting.tables import rich_table, with_spread, write_table
 
 TABLES_DIR = Path(__file__).resolve().parents[1] / "experiments" / "tables"
 SCALES = ("smoke", "small", "paper")
 ROW_KINDS = ("final", "submodels", "ensembles", "progressive")
 TABLE_KEYS = {"title", "source", "published_setting", "experiment", "scales", "scales_from", "columns", "reference"}
-TABLE_KEYS |= {"runs", "notes", "layer_serial"}
+TABLE_KEYS |= {"runs", "notes", "layer_serial", "claims", "gap_to"}
+SCALE_KEYS = {"note", "overrides", "seeds"}
 RUN_KEYS = {"label", "overrides", "rows", "published", "notes", "scale_overrides"}
 
 
@@ -72,6 +78,11 @@ class Table:
     reference: str | None = None
     notes: list[str] = field(default_factory=list)
     layer_serial: str | None = None
+    claims: list[dict] = field(default_factory=list)
+    gap_to: str | None = None
+
+    def seeds(self, scale: str) -> int:
+        return int(self.scales[scale].get("seeds", 1))
 
     def config(self, run: TableRun, scale: str) -> Experiment:
         """The resolved config of one run at one scale (its errors name the table and the run)."""
@@ -118,8 +129,12 @@ def load_table(name: str) -> Table:
         raise ConfigError(
             f"{path}: scales {', '.join(missing)} are not defined (each table defines {', '.join(SCALES)})"
         )
+    for scale, settings in scales.items():
+        _require(settings or {}, SCALE_KEYS, f"{path}: scales.{scale}")
+        if not isinstance((settings or {}).get("seeds", 1), int) or (settings or {}).get("seeds", 1) < 1:
+            raise ConfigError(f"{path}: scales.{scale}.seeds must be an integer >= 1")
     labels = [r.label for r in runs]
-    for key in ("reference", "layer_serial"):
+    for key in ("reference", "layer_serial", "gap_to"):
         if data.get(key) is not None and data[key] not in labels:
             raise ConfigError(f"{path}: {key} '{data[key]}' is not a run label ({', '.join(labels)})")
     reference = data.get("reference")
@@ -135,6 +150,8 @@ def load_table(name: str) -> Table:
         reference,
         list(data.get("notes") or []),
         data.get("layer_serial"),
+        [check_claim_spec(c, labels, f"{path}: claims[{i}]") for i, c in enumerate(data.get("claims") or [])],
+        data.get("gap_to"),
     )
 
 
@@ -187,6 +204,8 @@ def measure(run_dir: Path) -> dict:
     final = rows[-1]
     out = {k: v for k, v in final.items() if k.endswith("test_acc")}
     out["best_test_acc"] = max(r["test_acc"] for r in rows if "test_acc" in r)
+    last = [r["test_acc"] for r in rows[-3:] if "test_acc" in r]
+    out["last3_change"] = max(last) - min(last) if len(rows) >= 3 else math.nan  # converged: < 0.3 points
     out["epochs"] = len(rows)
     out["train_s"] = sum(r["seconds"] for r in rows)
     out["s_per_epoch"] = out["train_s"] / len(rows)
@@ -213,7 +232,27 @@ def expand(run: TableRun, run_dir: Path) -> list[dict]:
         return [{"run": run.label, "item": "", **measured}]
     frame = pd.read_csv(run_dir / f"{run.rows}.csv")
     key = frame.columns[0]  # model, or threshold
-    return [{"run": run.label, "item": str(r[key]), **r.drop(key).to_dict()} for _, r in frame.iterrows()]
+    rows = [{"run": run.label, "item": str(r[key]), **r.drop(key).to_dict()} for _, r in frame.iterrows()]
+    if run.rows in ("ensembles", "progressive"):  # what they are measured against
+        rows.append({"run": run.label, "item": "main", "test_acc": measured["test_acc"], "flops_frac": 1.0})
+    return rows
+
+
+def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
+    """One row per table row: numbers averaged over the seeds, with "<column> std" (sample std) when there
+    is more than one seed; anything else (per-worker strings, per-epoch dicts) from the first seed."""
+    out = []
+    for same in zip(*per_seed, strict=True):
+        row = dict(same[0], seeds=len(same))
+        for key in same[0]:
+            values = [r.get(key) for r in same]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                row[key] = sum(values) / len(values)
+                if len(values) > 1:
+                    mean = row[key]
+                    row[f"{key} std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        out.append(row)
+    return out
 
 
 def reference_row(rows: list[dict], label: str | None) -> dict | None:
@@ -252,6 +291,10 @@ def assemble(table: Table, rows: list[dict]) -> pd.DataFrame:
         line = {"run": row["run"], "item": row["item"]}
         for col in table.columns:
             line[col] = row.get(col, math.nan)
+            if f"{col} std" in row:
+                line[f"{col} std"] = row[f"{col} std"]
+            if col == "test_acc" and table.gap_to:
+                line.update(gap_to_reference(table, rows, row))
             if any(published_value(r, it, col) is not None for r in table.runs for it in _items(r)):
                 paper = published_value(run, row["item"], col)
                 line[f"{col} (paper)"] = "n/a" if paper is None else paper
@@ -265,11 +308,51 @@ def assemble(table: Table, rows: list[dict]) -> pd.DataFrame:
     return frame
 
 
+def gap_to_reference(table: Table, rows: list[dict], row: dict) -> dict:
+    """test_acc minus the gap_to run's (the same item, e.g. sub-model 1 against bp's sub-model 1, else its
+    final result), ours and the paper's: absolute numbers on another dataset cannot match, gaps can."""
+    runs = {r.label: r for r in table.runs}
+    ref_run = runs[table.gap_to]
+    ref = next((r for r in rows if r["run"] == table.gap_to and r["item"] == row["item"]), None)
+    ref = ref or next((r for r in rows if r["run"] == table.gap_to and r["item"] in ("", "main")), None)
+    ours = row.get("test_acc", math.nan) - ref["test_acc"] if ref and "test_acc" in ref else math.nan
+    paper_ref = published_value(ref_run, ref["item"], "test_acc") if ref else None
+    paper = published_value(runs[row["run"]], row["item"], "test_acc")
+    numeric = isinstance(paper, (int, float)) and isinstance(paper_ref, (int, float))
+    return {f"vs {table.gap_to}": ours, f"vs {table.gap_to} (paper)": paper - paper_ref if numeric else "n/a"}
+
+
 def _items(run: TableRun) -> list[str]:
     return list(run.published) if run.rows != "final" else [""]
 
 
-def header(table: Table, scale: str, configs: list[Experiment], commits: list[str]) -> str:
+def convergence_line(changes: dict[str, float], reference: str | None) -> str:
+    """Whether the runs had converged: test accuracy moving by under 0.3 points over the last 3 epochs."""
+    if all(math.isnan(v) for v in changes.values()):
+        return "- convergence: not measured (fewer than 3 epochs)"
+    moving = {k: v for k, v in changes.items() if v >= 0.3}
+    line = "- convergence (test accuracy over the last 3 epochs, max - min, mean over seeds): "
+    if reference in changes:
+        v = changes[reference]
+        line += f"{reference} moved {v:.2f} points, " + (
+            "converged (< 0.3); " if v < 0.3 else f"NOT converged (by {v - 0.3:.2f}); "
+        )
+    if moving:
+        return line + "still moving by 0.3 or more: " + ", ".join(f"{k} {v:.2f}" for k, v in moving.items())
+    return line + f"every run under 0.3 (largest {max(changes.values()):.2f})"
+
+
+def write_claims(claims: pd.DataFrame, target: Path) -> list[Path]:
+    """claims.csv, and the claims appended to table.md."""
+    from lctrun.reporting.tables import to_markdown
+
+    claims.to_csv(target / "claims.csv", index=False)
+    md = target / "table.md"
+    md.write_text(md.read_text() + "\n## The paper's claims, checked\n\n" + to_markdown(claims) + "\n")
+    return [target / "claims.csv"]
+
+
+def header(table: Table, scale: str, configs: list[Experiment], commits: list[str], seeds: int = 1) -> str:
     datasets = sorted(
         {f"{c.data.name} ({c.data.train_size or 'all'} train / {c.data.test_size or 'all'} test)" for c in configs}
     )
@@ -283,7 +366,12 @@ def header(table: Table, scale: str, configs: list[Experiment], commits: list[st
         f"- source: {table.source}",
         f"- the papers' setting: {table.published_setting}",
         f"- measured here: dataset {', '.join(datasets)}; model {', '.join(models)}; "
-        f"epochs {', '.join(map(str, epochs))}",
+        f"epochs {', '.join(map(str, epochs))}; "
+        + (
+            f"{seeds} seeds per run (seed {configs[0].seed}..{configs[0].seed + seeds - 1}), mean ± sample std"
+            if seeds > 1
+            else "one seed"
+        ),
         f"- hardware: {rundir.hardware_tag()}, devices {'; '.join(devices)}; runs made by commit "
         f"{', '.join(commits)} (each run's done.json); rendered "
         f"{pd.Timestamp.now().strftime('%Y-%m-%d %H:%M')}",
@@ -342,20 +430,37 @@ def reproduce(name: str, scale: str = "small", out: Path = Path("results/tables"
     check_table(table)
     code = rundir.code_version()
     configs = {run.label: table.config(run, scale) for run in table.runs}
-    rows, commits = [], []
+    seeds = table.seeds(scale)
+    rows, commits, changes = [], [], {}
     for i, run in enumerate(table.runs, 1):
-        console.print(f"[bold]\\[{i}/{len(table.runs)}] {run.label}[/]")
-        run_dir, reused = run_cached(configs[run.label], run.label, Path(out) / "runs", code, console)
-        commits.append(json.loads((run_dir / "done.json").read_text()).get("commit", "unknown"))
-        if reused:
-            console.print(f"  reused {run_dir}")
-        rows += expand(run, run_dir)
+        per_seed = []
+        for seed in range(configs[run.label].seed, configs[run.label].seed + seeds):
+            console.print(f"[bold]\\[{i}/{len(table.runs)}] {run.label}[/]" + (f" seed {seed}" if seeds > 1 else ""))
+            cfg = dataclasses.replace(configs[run.label], seed=seed)
+            run_dir, reused = run_cached(cfg, run.label, Path(out) / "runs", code, console)
+            commits.append(json.loads((run_dir / "done.json").read_text()).get("commit", "unknown"))
+            if reused:
+                console.print(f"  reused {run_dir}")
+            per_seed.append(expand(run, run_dir))
+            changes.setdefault(run.label, []).append(measure(run_dir)["last3_change"])
+        rows += over_seeds(per_seed)
     relative(rows, table.reference, table.layer_serial)
     frame = assemble(table, rows)
+    claims = evaluate_claims(table, rows, published_value)
     target = Path(out) / f"{name}-{scale}"
-    text = header(table, scale, list(configs.values()), list(dict.fromkeys(commits)))
-    written = write_table(frame, target / "table", text)
+    text = header(table, scale, list(configs.values()), list(dict.fromkeys(commits)), seeds)
+    text += "\n" + convergence_line({k: sum(v) / len(v) for k, v in changes.items()}, table.gap_to)
+    written = write_table(frame, target / "table", text, shown=with_spread(frame))
+    if claims is not None:
+        written += write_claims(claims, target)
     written += plots(table, frame, rows, configs, target)
-    console.print(rich_table(frame, title=f"{table.title} [{scale} scale]"))
+    console.print(rich_table(with_spread(frame), title=f"{table.title} [{scale} scale]"))
+    for claim in [] if claims is None else claims.to_dict("records"):  # one line each: readable in 80 columns
+        style = {"holds": "green", "fails": "red"}.get(claim["ours"], "")
+        console.print(
+            f"[{style or 'default'}]{claim['ours']:5}[/] {claim['claim']} (paper: {claim['paper']}; "
+            f"ours: {claim['our values']})",
+            highlight=False,
+        )
     console.print(f"outputs: {target} ({', '.join(p.name for p in written)})")
     return frame

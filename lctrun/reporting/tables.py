@@ -36,13 +36,27 @@ def run_summary(rows: list[dict], run_dir: Path) -> Table:
     return rich_table(frame, title=f"result: {run_dir.name}")
 
 
-def write_table(frame: pd.DataFrame, base: Path, header: str = "") -> list[Path]:
-    """base.csv and base.md; the Markdown starts with `header` (what, scale, hardware, commit)."""
+def write_table(frame: pd.DataFrame, base: Path, header: str = "", shown: pd.DataFrame | None = None) -> list[Path]:
+    """base.csv (every number) and base.md (`shown`, by default the same frame); the Markdown starts with
+    `header` (what, scale, hardware, commit)."""
     base.parent.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = base.with_suffix(".csv"), base.with_suffix(".md")
     frame.to_csv(csv_path, index=False)
-    md_path.write_text((header + "\n\n" if header else "") + to_markdown(frame) + "\n")
+    md_path.write_text((header + "\n\n" if header else "") + to_markdown(frame if shown is None else shown) + "\n")
     return [csv_path, md_path]
+
+
+def with_spread(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each "<column> std" folded into its column as "mean ± std" text, for reading (the CSV keeps both)."""
+    shown = frame.copy()
+    for std in [c for c in frame.columns if str(c).endswith(" std")]:
+        col = std[: -len(" std")]
+        shown[col] = [
+            f"{fmt(m)} ± {s:.2g}" if isinstance(s, float) and not pd.isna(s) else fmt(m)
+            for m, s in zip(frame[col], frame[std], strict=True)
+        ]
+        shown = shown.drop(columns=std)
+    return shown
 
 
 def to_markdown(frame: pd.DataFrame) -> str:

@@ -1,0 +1,77 @@
+"""The papers' claims as checks: parsed strictly, evaluated on ours and the paper's values, and seeds
+averaged into mean ± std before they are checked."""
+
+import pytest
+
+from lctrun.errors import ConfigError
+from lctrun.reporting.claims import check_claim_spec, evaluate_claims, verdict
+from lctrun.reproduce import Table, TableRun, over_seeds, published_value
+
+LABELS = ["bp", "LC(1)", "LC(3)"]
+
+
+def table(claims):
+    runs = [
+        TableRun("bp", [], published={"test_acc": 93.93}),
+        TableRun("LC(1)", [], published={"test_acc": 92.06}),
+        TableRun("LC(3)", [], rows="submodels", published={"sub1": {"test_acc": 85.24}}),
+    ]
+    return Table("t", "t", "", "", None, {}, ["test_acc"], runs, claims=claims)
+
+
+def test_a_check_holds_or_fails_on_the_values_it_names():
+    values = {("bp", "", "test_acc"): 89.0, ("LC(1)", "", "test_acc"): 87.5, ("LC(3)", "sub1", "flops_frac"): 0.3}
+    lookup = lambda *ref: values.get(ref)  # noqa: E731
+    assert verdict("{LC(1)} >= {bp} - 2", lookup)[0] == "holds"
+    assert verdict("{LC(1)} >= {bp} - 1", lookup)[0] == "fails"
+    assert verdict("{LC(3)|sub1|flops_frac} < 0.5 and {LC(1)} > {bp}", lookup)[0] == "fails"
+    assert verdict("max({LC(1)}, {bp}) - min({LC(1)}, {bp}) <= 1.5", lookup)[0] == "holds"
+    assert verdict("abs({LC(1)} - {bp}) < 1", lookup)[0] == "fails"
+    assert verdict("{LC(3)|sub2} > {bp}", lookup) == ("n/a", "LC(3) sub2 n/a, bp 89")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"claim": "x", "check": "{nope} > 1"}, "names run 'nope', which is not a run label"),
+        ({"claim": "x", "check": "{bp} + 1"}, "compares nothing"),
+        ({"claim": "x", "check": "__import__('os') or {bp} > 1"}, "is not a comparison of values"),
+        ({"claim": "x", "check": "1 > 0"}, "names no run"),
+        ({"claim": "x"}, "exactly the keys claim and check"),
+    ],
+)
+def test_bad_claims_are_one_line_errors(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        check_claim_spec(spec, LABELS, "table t: claims[0]")
+
+
+def test_claims_are_checked_on_the_means_over_seeds_and_on_the_paper():
+    per_seed = [[{"run": "bp", "item": "", "test_acc": a}] for a in (88.0, 89.0, 90.0)]
+    bp = over_seeds(per_seed)
+    assert bp[0]["test_acc"] == 89.0 and bp[0]["test_acc std"] == pytest.approx(1.0) and bp[0]["seeds"] == 3
+    rows = bp + [{"run": "LC(1)", "item": "", "test_acc": 86.5}, {"run": "LC(3)", "item": "sub1", "test_acc": 80.0}]
+    t = table(
+        [
+            {"claim": "LC(1) within 2 of bp", "check": "{LC(1)} >= {bp} - 2"},
+            {"claim": "sub1 above bp", "check": "{LC(3)|sub1} > {bp}"},
+        ]
+    )
+    claims = evaluate_claims(t, rows, published_value)
+    assert list(claims["paper"]) == ["holds", "fails"]  # 92.06 >= 91.93; 85.24 < 93.93
+    assert list(claims["ours"]) == ["fails", "fails"]  # 86.5 < 87
+    assert "bp 89 ± 1" in claims.loc[0, "our values"]
+
+
+def test_a_table_file_with_a_bad_claim_or_seed_count_is_refused(tmp_path, monkeypatch):
+    import lctrun.reproduce as reproduce
+
+    monkeypatch.setattr(reproduce, "TABLES_DIR", tmp_path)
+    scales = {s: {"overrides": []} for s in ("smoke", "small", "paper")}
+    base = "title: t\nruns: [{label: bp, overrides: [method=bp]}]\n"
+    (tmp_path / "bad-claim.yaml").write_text(base + f"scales: {scales}\nclaims: [{{claim: x, check: '{{lc}} > 1'}}]\n")
+    with pytest.raises(ConfigError, match="claims\\[0\\]: check names run 'lc'"):
+        reproduce.load_table("bad-claim")
+    scales["small"]["seeds"] = 0
+    (tmp_path / "bad-seeds.yaml").write_text(base + f"scales: {scales}\n")
+    with pytest.raises(ConfigError, match="scales.small.seeds must be an integer >= 1"):
+        reproduce.load_table("bad-seeds")
