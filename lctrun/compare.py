@@ -2,17 +2,23 @@
 
 Layout of the output directory (default results/compare/<time>-<name>/):
 
-    <method>-s<seed>/   one ordinary run directory per run (config.yaml, env.json, metrics.csv, ckpt-eN.pt)
+    <method>-s<seed>/   one ordinary run directory per run (config.yaml, env.json, metrics.csv, ckpt-eN.pt);
+                        done.json once it finished: run again with the same --out, a comparison reuses
+                        finished runs and resumes an interrupted one from its checkpoint
     runs.csv            one row per run: its final/best test accuracy, sub-model accuracies, time, memory
     summary.csv         one row per method: the runs.csv numbers, mean (and std) over seeds
     summary.md          the same table, under a header saying what was run, where and when
     accuracy.png        test accuracy per epoch per method (mean over seeds, std shaded)
+
+A method may name its runtime, `lct@distributed`: one worker process per group, while `bp` stays one
+process. That is how `make demo` sets wall-clock per epoch of bp on one process beside lct/dgl on K workers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -22,7 +28,7 @@ import pandas as pd
 from rich.console import Console
 
 from lctrun.config import Experiment, apply_overrides, from_dict, load_experiment, to_dict, validate
-from lctrun.errors import ConfigError
+from lctrun.errors import ConfigError, LctrunError
 from lctrun.methods import get_method
 from lctrun.reporting import rundir
 from lctrun.reporting.plots import Curve, accuracy_per_epoch
@@ -40,15 +46,47 @@ FULL_SIZES = {
 SUBMODEL = re.compile(r"g(\d+)_test_acc")
 
 
+RUNTIMES = ("serial", "distributed")
+
+
 def parse_methods(methods: str | Sequence[str]) -> list[str]:
-    """`bp,lct,dgl` or a list of names; every name is checked against the registry, duplicates dropped."""
+    """`bp,lct,dgl` or a list of names, each optionally `name@runtime`; every name is checked against the
+    registry, duplicates dropped."""
     items = methods.split(",") if isinstance(methods, str) else [p for m in methods for p in str(m).split(",")]
     names = list(dict.fromkeys(m.strip() for m in items if m.strip()))
     if not names:
         raise ConfigError("no methods to compare: give --methods as a comma list, e.g. --methods bp,lct,dgl")
     for name in names:
-        get_method(name)  # unknown names fail here, before any training
+        method, _, runtime = name.partition("@")
+        get_method(method)  # unknown names fail here, before any training
+        if "@" in name and runtime not in RUNTIMES:
+            raise ConfigError(f"--methods {name}: runtime '{runtime}' is not one of {', '.join(RUNTIMES)}")
     return names
+
+
+def method_config(base: Experiment, name: str) -> Experiment:
+    """The experiment for one --methods entry: `lct` or `lct@distributed`."""
+    method, _, runtime = name.partition("@")
+    cfg = from_dict(Experiment, to_dict(dataclasses.replace(base, method=method, runtime=runtime or base.runtime)))
+    validate(cfg)
+    return cfg
+
+
+def finished_rows(run_dir: Path, cfg: Experiment) -> list[dict] | None:
+    """The metrics of a run this comparison finished before (same config), else None."""
+    if not (run_dir / "config.yaml").exists():
+        return None
+    from lctrun.launch import check_same_config
+
+    try:
+        check_same_config(cfg, run_dir)
+    except ConfigError as e:  # another comparison's run: refused, nothing overwritten
+        what = str(e).split("(", 1)[1].split(")")[0]
+        raise ConfigError(
+            f"--out {run_dir.parent} holds another comparison's run {run_dir.name} ({what}); give a new --out directory"
+        ) from None
+    rows = rundir.read_rows(run_dir / "metrics.csv") if (run_dir / "done.json").exists() else []
+    return rows if len(rows) >= cfg.epochs else None
 
 
 def resolve(experiment: str | Path | Experiment, overrides: Sequence[str] = ()) -> Experiment:
@@ -193,9 +231,7 @@ def compare(
     names = parse_methods(methods)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    configs = {m: from_dict(Experiment, to_dict(dataclasses.replace(base, method=m))) for m in names}
-    for cfg in configs.values():
-        validate(cfg)
+    configs = {m: method_config(base, m) for m in names}
     seed_list = [base.seed + i for i in range(seeds)]
     out = Path(out_dir) if out_dir else default_out_dir(base)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,12 +239,34 @@ def compare(
     plan = [(m, s) for m in names for s in seed_list]
     records, histories = [], {m: [] for m in names}
     start = time.perf_counter()
+    label = experiment.name if isinstance(experiment, Experiment) else str(experiment)
+    again = " ".join(
+        f"lctrun compare {label} {' '.join(overrides)} --methods {','.join(names)} --seeds {seeds} --out {out}".split()
+    )
     for i, (method, seed) in enumerate(plan, 1):
-        console.print(f"[bold]run {i}/{len(plan)}:[/] {method} seed {seed}")
         cfg = dataclasses.replace(configs[method], seed=seed)
-        run_dir = out / f"{method}-s{seed}"
-        result = run_training(cfg, run_dir=run_dir, console=console, isolated=True)
-        rows = rundir.read_rows(run_dir / "metrics.csv") if result is None else result.rows
+        run_dir = out / f"{method.replace('@', '-')}-s{seed}"
+        rows = finished_rows(run_dir, cfg)
+        if rows is not None:
+            console.print(f"[bold]run {i}/{len(plan)}:[/] {method} seed {seed}: finished before, reused {run_dir}")
+        else:
+            console.print(f"[bold]run {i}/{len(plan)}:[/] {method} seed {seed}")
+            try:
+                result = run_training(
+                    cfg, run_dir=run_dir, resume=(run_dir / "config.yaml").exists(), console=console, isolated=True
+                )
+            except LctrunError as e:
+                if not str(e).startswith("interrupted"):
+                    raise
+                raise LctrunError(
+                    f"interrupted in run {i}/{len(plan)} ({method} seed {seed}); {i - 1} finished runs are kept in "
+                    f"{out}; continue the comparison (finished runs reused, this one resumed) with: {again}"
+                ) from None
+            rows = rundir.read_rows(run_dir / "metrics.csv") if result is None else result.rows
+            if rows:
+                rundir.write_json(
+                    run_dir / "done.json", {"method": method, "seed": seed, "commit": rundir.git_commit()}
+                )
         if not rows:
             raise ConfigError(f"run {method} seed {seed} wrote no metrics ({run_dir / 'metrics.csv'})")
         histories[method].append(rows)
@@ -220,9 +278,11 @@ def compare(
     summary = summarize(runs.drop(columns="run_dir"), names)
     summary.to_csv(out / "summary.csv", index=False)
     shown = display_frame(summary)
-    label = experiment.name if isinstance(experiment, Experiment) else str(experiment)
     text = header(base, label, names, seed_list, overrides)
-    rundir.atomic_write_text(out / "summary.md", text + "\n\n" + to_markdown(shown) + "\n")
+    speed = speed_sentence(summary, configs)
+    rundir.atomic_write_text(
+        out / "summary.md", text + "\n\n" + to_markdown(shown) + "\n" + (f"\n{speed}\n" if speed else "")
+    )
     accuracy_per_epoch(
         epoch_curves(histories),
         out / "accuracy.png",
@@ -231,12 +291,30 @@ def compare(
     )
 
     console.print(rich_table(shown, title=f"comparison: {base.name} ({seeds} seed{'s' if seeds > 1 else ''})"))
+    if speed:
+        console.print(speed)
     console.print(
         f"{len(plan)} runs in {time.perf_counter() - start:.0f} s; outputs: [bold]{out}[/] "
         "(summary.csv, summary.md, accuracy.png, runs.csv, one directory per run)"
     )
     summary.attrs["out_dir"] = str(out)
     return summary
+
+
+def speed_sentence(summary: pd.DataFrame, configs: dict[str, Experiment]) -> str:
+    """What the wall clock says when bp on one process sits beside methods on one worker process per group."""
+    per_epoch = dict(zip(summary["method"], summary["s_per_epoch"], strict=True))
+    spread = [m for m, c in configs.items() if c.runtime == "distributed"]
+    if "bp" not in per_epoch or configs["bp"].runtime != "serial" or not spread:
+        return ""
+    ratios = ", ".join(f"{m} {per_epoch['bp'] / per_epoch[m]:.2f}x" for m in spread)
+    cores = os.cpu_count() or 1
+    return (
+        f"Wall clock per epoch against bp on one process using all {cores} cores (above 1x: faster than bp): "
+        f"{ratios}. The methods run one worker process per layer group on the same {cores} cores, so this is "
+        "what cutting the model costs or gains on this machine; the speedup the methods are for needs a device "
+        "per group that bp cannot use as well (see `lctrun bench` and the speed tables)."
+    )
 
 
 def _missing(value) -> bool:

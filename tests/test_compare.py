@@ -15,8 +15,8 @@ from lctrun.errors import ConfigError
 from lctrun.reporting.rundir import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "experiments" / "demo-shapes.yaml"
-# the demo experiment (3 groups), shrunk to a few batches of small random images
+DEMO = ROOT / "experiments" / "demo-fashion.yaml"
+# the demo experiment cut into 3 groups, shrunk to a few batches of small random images
 TINY = [
     "data.name=fake",
     "data.shape=[3,16,16]",
@@ -25,6 +25,7 @@ TINY = [
     "data.batch_size=32",
     "epochs=2",
     "critic.channels=8",
+    "model.split=[conv1,conv2]",
 ]
 
 
@@ -89,7 +90,7 @@ def test_markdown_header(two_seeds):
     out, _ = two_seeds
     text = (out / "summary.md").read_text()
     head = text.split("| method")[0]
-    assert head.startswith("# Method comparison: demo-shapes")
+    assert head.startswith("# Method comparison: demo-fashion")
     assert "dataset: fake, train 96 / test 64" in head
     assert f"commit: {git_commit()}" in head
     for word in ["epochs: 2", "seeds: 2", "hardware: ", "date: "]:
@@ -115,7 +116,7 @@ def lctrun(*args):
 
 def test_cli_end_to_end(tmp_path):
     out = tmp_path / "cmp"
-    res = lctrun("compare", "demo-shapes", "--methods", "bp,dgl", "--out", str(out), *TINY, "epochs=1")
+    res = lctrun("compare", "demo-fashion", "--methods", "bp,dgl", "--out", str(out), *TINY, "epochs=1")
     assert res.returncode == 0, res.stderr
     assert "run 1/2: bp seed 0" in res.stdout and "run 2/2: dgl seed 0" in res.stdout
     assert str(out) in res.stdout.replace("\n", "")
@@ -133,3 +134,48 @@ def test_cli_unknown_method_is_one_line(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown method 'dgx'"), res.stderr
     assert "run 1/" not in res.stdout and not out.exists()
+
+
+def test_an_interrupted_comparison_reuses_finished_runs_and_says_how_to_continue(tmp_path, monkeypatch):
+    """Stopped in its second run, `compare` run again with the same --out trains only that run (resumed);
+    run a third time, it trains nothing. The interrupt names the compare command, not one run's resume."""
+    import lctrun.launch
+    from lctrun.errors import LctrunError
+
+    real, trained, stop = lctrun.launch.run_training, [], {"at": 2}
+
+    def counted(cfg, run_dir=None, **kwargs):
+        trained.append((Path(run_dir).name, kwargs.get("resume")))
+        if len(trained) == stop["at"]:
+            raise LctrunError(f"interrupted: all 1 runs stopped; continue with: lctrun train --resume {run_dir}")
+        return real(cfg, run_dir=run_dir, **kwargs)
+
+    monkeypatch.setattr(lctrun.launch, "run_training", counted)
+    out = tmp_path / "cmp"
+    with pytest.raises(LctrunError, match=r"interrupted in run 2/2 \(lct seed 0\); 1 finished runs are kept") as e:
+        compare(DEMO, "bp,lct", TINY, out_dir=out)
+    assert f"lctrun compare {DEMO}" in str(e.value) and f"--out {out}" in str(e.value)
+    first = (out / "bp-s0" / "metrics.csv").read_text()
+
+    trained.clear()
+    stop["at"] = None
+    compare(DEMO, "bp,lct", TINY, out_dir=out)
+    assert [name for name, _ in trained] == ["lct-s0"]
+    assert (out / "bp-s0" / "metrics.csv").read_text() == first  # not retrained, not overwritten
+    trained.clear()
+    summary = compare(DEMO, "bp,lct", TINY, out_dir=out)
+    assert trained == [] and list(summary["method"]) == ["bp", "lct"]
+
+    with pytest.raises(ConfigError, match="holds another comparison's run bp-s0 .*give a new --out"):
+        compare(DEMO, "bp,lct", TINY + ["optim.lr=0.5"], out_dir=out)
+
+
+def test_a_method_can_run_on_distributed_workers_beside_bp_on_one_process(tmp_path):
+    out = tmp_path / "cmp"
+    summary = compare(DEMO, "bp,dgl@distributed", TINY + ["epochs=1"], out_dir=out)
+    assert list(summary["method"]) == ["bp", "dgl@distributed"]
+    assert (out / "dgl-distributed-s0" / "workers.csv").is_file()
+    workers = read_csv(out / "dgl-distributed-s0" / "workers.csv")
+    assert {w["worker"] for w in workers} == {"0", "1", "2"}  # three groups, three processes
+    with pytest.raises(ConfigError, match="runtime 'gpu' is not one of serial, distributed"):
+        compare(DEMO, "bp,lct@gpu", TINY, out_dir=tmp_path / "other")
