@@ -75,3 +75,24 @@ def test_a_table_file_with_a_bad_claim_or_seed_count_is_refused(tmp_path, monkey
     (tmp_path / "bad-seeds.yaml").write_text(base + f"scales: {scales}\n")
     with pytest.raises(ConfigError, match="scales.small.seeds must be an integer >= 1"):
         reproduce.load_table("bad-seeds")
+
+
+def test_a_wide_table_is_shown_whole_in_80_columns_and_a_narrow_one_as_a_table():
+    import pandas as pd
+    from rich.console import Console
+
+    from lctrun.reporting.tables import rich_table
+
+    wide = pd.DataFrame(
+        [{"run": "critic training(3)", "item": "sub1", **{f"a long column name {i}": 91.25 + i for i in range(8)}}]
+    )
+    console = Console(width=80, record=True)
+    console.print(rich_table(wide, title="wide"))
+    text = console.export_text()
+    assert "…" not in text and max(len(line.rstrip()) for line in text.splitlines()) <= 80
+    assert "critic training(3) sub1" in text and "98.25" in text  # every cell, whole
+    assert all(f"column name {i}" in text.replace("\n", " ") for i in range(8))
+
+    console = Console(width=80, record=True)
+    console.print(rich_table(wide.iloc[:, :3], title="narrow"))
+    assert "┏━" in console.export_text()  # fits: an ordinary table

@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from rich.console import Console, ConsoleOptions
+from rich.measure import Measurement
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 
 def fmt(value) -> str:
@@ -14,13 +18,42 @@ def fmt(value) -> str:
     return "" if value is None else str(value)
 
 
-def rich_table(frame: pd.DataFrame, title: str | None = None, caption: str | None = None) -> Table:
-    table = Table(title=title, caption=caption)
-    for column in frame.columns:
-        table.add_column(str(column), justify="left" if frame[column].dtype == object else "right")
-    for _, row in frame.iterrows():
-        table.add_row(*[fmt(v) for v in row.tolist()])
-    return table
+def rich_table(frame: pd.DataFrame, title: str | None = None, caption: str | None = None) -> FitTable:
+    return FitTable(frame, title, caption)
+
+
+class FitTable:
+    """A table when it fits the terminal, else one block per row ("name: column value · column value ...",
+    wrapped between cells): never a header cut to "…" in an 80-column terminal. Files keep every column."""
+
+    def __init__(self, frame: pd.DataFrame, title: str | None = None, caption: str | None = None):
+        self.frame, self.title, self.caption = frame, title, caption
+
+    def table(self) -> Table:
+        table = Table(title=self.title, caption=self.caption)
+        for column in self.frame.columns:
+            table.add_column(str(column), justify="left" if self.frame[column].dtype == object else "right")
+        for _, row in self.frame.iterrows():
+            table.add_row(*[fmt(v) for v in row.tolist()])
+        return table
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions):
+        table = self.table()
+        if Measurement.get(console, options.update_width(10_000), table).maximum <= options.max_width:
+            yield table
+            return
+        if self.title:
+            yield Text(self.title, style="bold")
+        names = [str(c) for c in self.frame.columns]
+        head = 2 if names[1:2] == ["item"] else 1  # a run and its item (sub-model, threshold) name the block
+        for values in self.frame.itertuples(index=False):
+            cells = [fmt(v) for v in values]
+            yield Text(" ".join(cells[:head]), style="bold")
+            pairs = zip(names[head:], cells[head:], strict=True)
+            rest = [f"{name} {cell}" for name, cell in pairs if cell not in ("", "nan")]
+            yield Padding(Text(" · ".join(rest)), (0, 0, 0, 2))
+        if self.caption:
+            yield Text(self.caption, style="dim")
 
 
 def run_summary(rows: list[dict], run_dir: Path) -> Table:
