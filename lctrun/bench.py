@@ -1,9 +1,12 @@
 """`lctrun bench`: throughput and memory of bp and of the local methods, measured side by side.
 
 Every configuration runs in fresh worker processes (so each has its own memory baseline) on fake
-data: warm-up steps first, then timed steps. Rows: bp on 1 worker with 1 thread; bp on 1 worker with
-every core; model-parallel bp on K workers; lct/dgl/dni on K workers, pipelined; penalty/al on K
-workers in a parallel phase (after its refresh pass, which is not timed).
+data: warm-up steps first, then timed steps, `repeats` times; the table gives the median throughput and
+its spread ((max - min) / median), and marks a configuration noisy when the spread passes NOISY. The cut
+is the same for every configuration on K workers: the one given, or the first one measured.
+Rows: bp on 1 worker with 1 thread; bp on 1 worker with every core; model-parallel bp on K workers;
+lct/dgl/dni on K workers, pipelined; penalty/al on K workers in a parallel phase (after its refresh
+pass, which is not timed).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from lctrun.data import TensorLoader
 from lctrun.reporting.rundir import git_commit, hardware_tag
 from lctrun.reporting.tables import rich_table, write_table
 from lctrun.runtime.distributed import spawn_workers
+
+NOISY = 0.10  # spread above which a row is flagged: the machine was busy, its ratios are not to be trusted
 
 
 @dataclass
@@ -73,7 +78,9 @@ def bench_configs(methods: list[str], groups: int, cores: int) -> list[tuple[str
     return rows
 
 
-def check_bench_input(model: str, groups: int, steps: int, warmup: int, methods: list[str], split, shape) -> None:
+def check_bench_input(
+    model: str, groups: int, steps: int, warmup: int, methods: list[str], split, shape, repeats: int = 1
+) -> None:
     """What would otherwise fail minutes in, after the first configurations ran: one line now."""
     from lctrun.errors import ConfigError
     from lctrun.methods import get_method
@@ -83,6 +90,8 @@ def check_bench_input(model: str, groups: int, steps: int, warmup: int, methods:
         raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     if groups < 1:
         raise ConfigError(f"--groups must be >= 1, got {groups}")
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {repeats}")
     for method in methods:
         get_method(method)  # an unknown method: a one-line error naming the known ones
     spec = find_model(model)
@@ -107,6 +116,7 @@ def bench(
     split: list[str] | None = None,
     steps: int = 20,
     warmup: int = 3,
+    repeats: int = 3,
     depth: int = 2,
     device: str = "cpu",
     overrides: list[str] | None = None,
@@ -134,21 +144,36 @@ def bench(
     ]
     if split:
         base.append(f"model.split=[{','.join(split)}]")
-    check_bench_input(model, groups, steps, warmup, methods, split, shape)
-    configs = [(label, load_experiment(None, base + extra)) for label, extra in bench_configs(methods, groups, cores)]
-    rows = []
-    for label, cfg in configs:
+    check_bench_input(model, groups, steps, warmup, methods, split, shape, repeats)
+    rows, cut = [], split
+    for label, extra in bench_configs(methods, groups, cores):
+        on_k = "model.groups=1" not in extra
+        cfg = load_experiment(None, base + extra + ([f"model.split=[{','.join(cut)}]"] if on_k and cut else []))
         console.print(f"[bold]{label}[/] ...")
-        result = spawn_workers(cfg, BenchJob(warmup, steps), console=console)
+        results = []
+        for _ in range(repeats):
+            results.append(spawn_workers(cfg, BenchJob(warmup, steps), console=console))
+        speeds = sorted(r["samples"] / r["seconds"] for r in results)
+        result = min(results, key=lambda r: abs(r["samples"] / r["seconds"] - speeds[len(speeds) // 2]))
+        if on_k and not cut:
+            cut = result["cut"].split(",")  # one cut for the whole table: the first one measured
         workers = result["workers"]
         critical = max(w["compute_s"] for w in workers)
+        median = (
+            speeds[len(speeds) // 2]
+            if len(speeds) % 2
+            else sum(speeds[len(speeds) // 2 - 1 : len(speeds) // 2 + 1]) / 2
+        )
+        spread = (speeds[-1] - speeds[0]) / median
         rows.append(
             {
                 "config": label,
                 "cut": result["cut"],
                 "workers": len(workers),
                 "threads_per_worker": cfg.threads_per_worker or cores // len(workers),
-                "samples_per_s": result["samples"] / result["seconds"],
+                "samples_per_s": median,
+                "spread": spread,
+                "noisy": "noisy" if spread > NOISY else "",
                 "ideal_samples_per_s": result["samples"] / critical,
                 "peak_mem_mb_per_worker": "/".join(f"{w['peak_mem_mb']:.0f}" for w in workers),
                 "max_peak_mem_mb": max(w["peak_mem_mb"] for w in workers),
@@ -164,16 +189,18 @@ def bench(
     bp1, bpall = frame["samples_per_s"].iloc[0], frame["samples_per_s"].iloc[1]
     frame.insert(4, "speedup_vs_bp_1t", frame["samples_per_s"] / bp1)
     frame.insert(5, f"speedup_vs_bp_{cores}t", frame["samples_per_s"] / bpall)
-    frame.insert(7, "ideal_speedup_vs_bp_1t", frame["ideal_samples_per_s"] / bp1)
+    frame.insert(9, "ideal_speedup_vs_bp_1t", frame["ideal_samples_per_s"] / bp1)
     frame["mem_vs_bp_1t"] = frame["max_peak_mem_mb"] / frame["max_peak_mem_mb"].iloc[0]
     frame = frame.round(3)
     tag = hardware_tag()
     header = (
         f"# lctrun bench: {model}, K={groups}, batch {batch}, input {'x'.join(map(str, shape))} (fake data)\n\n"
-        f"hardware: {tag}; device: {device}; {steps} timed steps after {warmup} warm-up; pipeline_depth {depth}; "
+        f"hardware: {tag}; device: {device}; {steps} timed steps after {warmup} warm-up, median of {repeats} "
+        f"repeats in fresh processes (spread = (max - min) / median; 'noisy' above {NOISY:.0%}: do not trust "
+        f"its ratios); one cut for every K-worker row ({','.join(cut or []) or '-'}); pipeline_depth {depth}; "
         f"commit {git_commit()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', 'unset')}; "
         f"{time.strftime('%Y-%m-%d')}. Peak memory: per worker, above its own baseline after start-up. "
-        f"Cuts balance measured time per block, critic included. "
+        f"The cut, unless given, balances measured time per block for the first K-worker row. "
         f"Critic: {cfg.critic.convs[0]} x conv3x3({cfg.critic.channels}) + linear; "
         f"extra overrides: {' '.join(overrides or []) or 'none'}."
     )
@@ -183,6 +210,7 @@ def bench(
         [
             "config",
             "samples_per_s",
+            "noisy",
             "speedup_vs_bp_1t",
             f"speedup_vs_bp_{cores}t",
             "ideal_speedup_vs_bp_1t",
@@ -194,6 +222,7 @@ def bench(
     shown.columns = [
         "config",
         "samples/s",
+        "noisy",
         "x bp 1t",
         f"x bp {cores}t",
         "ideal x bp 1t",

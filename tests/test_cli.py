@@ -103,6 +103,7 @@ def test_train_writes_a_run_directory(tmp_path, data_root):
         (["--groups", "50"], "--groups 50: resnet20 has"),
         (["--methods", "bp,nonsense"], "unknown method 'nonsense'"),
         (["--steps", "0"], "--steps must be >= 1"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
     ],
 )
 def test_bench_refuses_bad_input_before_running_anything(tmp_path, args, problem):

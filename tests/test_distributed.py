@@ -199,9 +199,9 @@ def test_bench_measures_every_configuration(tmp_path):
         batch=16,
         shape=(1, 28, 28),
         methods=["bp", "lct"],
-        split=["conv2"],
         steps=3,
         warmup=1,
+        repeats=2,
         out_dir=tmp_path,
     )
     assert list(frame["config"]) == [
@@ -210,8 +210,11 @@ def test_bench_measures_every_configuration(tmp_path):
         "bp model-parallel, 2 workers",
         "lct 2 workers, pipelined",
     ]
-    assert (frame["samples_per_s"] > 0).all()
-    activation = 64 * 7 * 7 * 4  # conv2's output per sample
+    assert (frame["samples_per_s"] > 0).all() and (frame["spread"] >= 0).all()
+    assert set(frame["noisy"]) <= {"", "noisy"} and ((frame["spread"] > 0.1) == (frame["noisy"] == "noisy")).all()
+    assert frame["cut"].iloc[2] == frame["cut"].iloc[3] != "-"  # one cut (measured once) for every K-worker row
+    per_sample = {"conv1": 32 * 14 * 14 * 4, "conv2": 64 * 7 * 7 * 4, "conv3": 128 * 3 * 3 * 4, "fc1": 256 * 4}
+    activation = per_sample[frame["cut"].iloc[2]]  # the cut's output per sample
     assert frame["bytes_per_sample"].iloc[2] == 2 * activation  # bp: activations forward, gradients back
     assert frame["bytes_per_sample"].iloc[3] == activation + 4  # lct: activations forward, one loss back
     assert list(tmp_path.glob("*cnn-small-k2.csv")) and list(tmp_path.glob("*cnn-small-k2.md"))
