@@ -1,0 +1,3 @@
+from lctrun.cli import main
+
+main()

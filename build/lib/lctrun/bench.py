@@ -1,0 +1,236 @@
+"""`lctrun bench`: throughput and memory of bp and of the local methods, measured side by side.
+
+Every configuration runs in fresh worker processes (so each has its own memory baseline) on fake
+data: warm-up steps first, then timed steps, `repeats` times; the table gives the median throughput and
+its spread ((max - min) / median), and marks a configuration noisy when the spread passes NOISY. The cut
+is the same for every configuration on K workers: the one given, or the first one measured.
+Rows: bp on 1 worker with 1 thread; bp on 1 worker with every core; model-parallel bp on K workers;
+lct/dgl/dni on K workers, pipelined; penalty/al on K workers in a parallel phase (after its refresh
+pass, which is not timed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+
+from lctrun.config import load_experiment
+from lctrun.data import TensorLoader
+from lctrun.reporting.rundir import git_commit, hardware_tag
+from lctrun.reporting.tables import rich_table, write_table
+from lctrun.runtime.distributed import spawn_workers
+
+NOISY = 0.10  # spread above which a row is flagged: the machine was busy, its ratios are not to be trusted
+
+
+@dataclass
+class BenchJob:
+    warmup: int
+    steps: int
+
+    def __call__(self, p, runtime, console):
+        d, batch = p.data, p.cfg.data.batch_size
+        device = p.devices[runtime.rank] if p.devices else "cpu"
+
+        def loader(start: int, count: int) -> TensorLoader:
+            part = slice(start * batch, (start + count) * batch)
+            return TensorLoader(
+                d.train_x[part], d.train_y[part], batch, shuffle=True, device=device, load_x=runtime.needs_inputs
+            )
+
+        from lctrun.train import begin_epoch
+
+        warmup = loader(0, self.warmup)
+        begin_epoch(p, runtime, 1, warmup)  # penalty / al: their first parallel epoch, refreshed (not timed)
+        runtime.train_epoch(warmup)
+        start = time.perf_counter()
+        runtime.train_epoch(loader(self.warmup, self.steps))  # ends when every worker has finished
+        seconds = time.perf_counter() - start
+        cut = ",".join(names[-1] for names in p.block_names[:-1]) or "-"
+        return {"seconds": seconds, "samples": self.steps * batch, "workers": runtime.worker_stats, "cut": cut}
+
+
+def account_mb(w: dict) -> float:
+    return sum(w[k] for k in ("activations_mb", "params_mb", "grads_mb", "optim_mb", "aux_vars_mb"))
+
+
+def bench_configs(methods: list[str], groups: int, cores: int) -> list[tuple[str, list[str]]]:
+    rows = [
+        ("bp 1 worker, 1 thread", ["method=bp", "model.groups=1", "model.split=[]", "threads_per_worker=1"]),
+        (
+            f"bp 1 worker, {cores} threads",
+            ["method=bp", "model.groups=1", "model.split=[]", f"threads_per_worker={cores}"],
+        ),
+    ]
+    for method in methods:
+        if method == "bp":
+            rows.append((f"bp model-parallel, {groups} workers", ["method=bp"]))
+        elif method in ("penalty", "al"):
+            rows.append((f"{method} {groups} workers, parallel phase", [f"method={method}"]))
+        else:
+            rows.append((f"{method} {groups} workers, pipelined", [f"method={method}"]))
+    return rows
+
+
+def check_bench_input(
+    model: str, groups: int, steps: int, warmup: int, methods: list[str], split, shape, repeats: int = 1
+) -> None:
+    """What would otherwise fail minutes in, after the first configurations ran: one line now."""
+    from lctrun.errors import ConfigError
+    from lctrun.methods import get_method
+    from lctrun.models import build_model, find_model
+
+    if steps < 1 or warmup < 0:
+        raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+    if groups < 1:
+        raise ConfigError(f"--groups must be >= 1, got {groups}")
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {repeats}")
+    for method in methods:
+        get_method(method)  # an unknown method: a one-line error naming the known ones
+    spec = find_model(model)
+    if spec is not None and not split:
+        blocks = len(build_model(model, 10, tuple(shape)).block_names())
+        if groups > blocks:
+            raise ConfigError(
+                f"--groups {groups}: {model} has {blocks} blocks to cut between; use --groups <= {blocks}"
+            )
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def bench(
+    model: str,
+    groups: int = 2,
+    batch: int = 128,
+    shape: tuple[int, ...] = (3, 32, 32),
+    methods: list[str] | None = None,
+    split: list[str] | None = None,
+    steps: int = 20,
+    warmup: int = 3,
+    repeats: int = 3,
+    depth: int = 2,
+    device: str = "cpu",
+    overrides: list[str] | None = None,
+    out_dir: Path = Path("results/bench"),
+    console: Console | None = None,
+) -> pd.DataFrame:
+    console = console or Console()
+    methods = methods or ["bp", "lct", "dgl"]
+    cores = os.cpu_count() or 1
+    base = [
+        "name=bench",
+        f"model.name={model}",
+        "data.name=fake",
+        f"data.shape=[{','.join(map(str, shape))}]",
+        f"data.batch_size={batch}",
+        f"data.train_size={(warmup + steps) * batch}",
+        "data.test_size=1",
+        "runtime=distributed",
+        f"devices=[{device}]",
+        f"pipeline_depth={depth}",
+        "submodels=false",
+        f"model.groups={groups}",
+        "model.balance=time",
+        *(overrides or []),
+    ]
+    if split:
+        base.append(f"model.split=[{','.join(split)}]")
+    check_bench_input(model, groups, steps, warmup, methods, split, shape, repeats)
+    rows, cut = [], split
+    for label, extra in bench_configs(methods, groups, cores):
+        on_k = "model.groups=1" not in extra
+        cfg = load_experiment(None, base + extra + ([f"model.split=[{','.join(cut)}]"] if on_k and cut else []))
+        console.print(f"[bold]{label}[/] ...")
+        results = []
+        for _ in range(repeats):
+            results.append(spawn_workers(cfg, BenchJob(warmup, steps), console=console))
+        speeds = sorted(r["samples"] / r["seconds"] for r in results)
+        result = min(results, key=lambda r: abs(r["samples"] / r["seconds"] - speeds[len(speeds) // 2]))
+        if on_k and not cut:
+            cut = result["cut"].split(",")  # one cut for the whole table: the first one measured
+        workers = result["workers"]
+        critical = max(w["compute_s"] for w in workers)
+        median = (
+            speeds[len(speeds) // 2]
+            if len(speeds) % 2
+            else sum(speeds[len(speeds) // 2 - 1 : len(speeds) // 2 + 1]) / 2
+        )
+        spread = (speeds[-1] - speeds[0]) / median
+        rows.append(
+            {
+                "config": label,
+                "cut": result["cut"],
+                "workers": len(workers),
+                "threads_per_worker": cfg.threads_per_worker or cores // len(workers),
+                "samples_per_s": median,
+                "spread": spread,
+                "noisy": "noisy" if spread > NOISY else "",
+                "ideal_samples_per_s": result["samples"] / critical,
+                "peak_mem_mb_per_worker": "/".join(f"{w['peak_mem_mb']:.0f}" for w in workers),
+                "max_peak_mem_mb": max(w["peak_mem_mb"] for w in workers),
+                # analytic, allocator-independent: saved activations + parameters + gradients + optimiser state
+                # + auxiliary variables (penalty / al, for the bench's few samples only)
+                "account_mb_per_worker": "/".join(f"{account_mb(w):.0f}" for w in workers),
+                "bytes_per_sample": sum(w["bytes_sent"] for w in workers) / result["samples"],
+                "compute_s_per_worker": "/".join(f"{w['compute_s']:.2f}" for w in workers),
+                "wait_s_per_worker": "/".join(f"{w['wait_s']:.2f}" for w in workers),
+            }
+        )
+    frame = pd.DataFrame(rows)
+    bp1, bpall = frame["samples_per_s"].iloc[0], frame["samples_per_s"].iloc[1]
+    frame.insert(4, "speedup_vs_bp_1t", frame["samples_per_s"] / bp1)
+    frame.insert(5, f"speedup_vs_bp_{cores}t", frame["samples_per_s"] / bpall)
+    frame.insert(9, "ideal_speedup_vs_bp_1t", frame["ideal_samples_per_s"] / bp1)
+    frame["mem_vs_bp_1t"] = frame["max_peak_mem_mb"] / frame["max_peak_mem_mb"].iloc[0]
+    frame = frame.round(3)
+    tag = hardware_tag()
+    header = (
+        f"# lctrun bench: {model}, K={groups}, batch {batch}, input {'x'.join(map(str, shape))} (fake data)\n\n"
+        f"hardware: {tag}; device: {device}; {steps} timed steps after {warmup} warm-up, median of {repeats} "
+        f"repeats in fresh processes (spread = (max - min) / median; 'noisy' above {NOISY:.0%}: do not trust "
+        f"its ratios); one cut for every K-worker row ({','.join(cut or []) or '-'}); pipeline_depth {depth}; "
+        f"commit {git_commit()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', 'unset')}; "
+        f"{time.strftime('%Y-%m-%d')}. Peak memory: per worker, above its own baseline after start-up. "
+        f"The cut, unless given, balances measured time per block for the first K-worker row. "
+        f"Critic: {cfg.critic.convs[0]} x conv3x3({cfg.critic.channels}) + linear; "
+        f"extra overrides: {' '.join(overrides or []) or 'none'}."
+    )
+    name = "-".join([slug(tag), model, f"k{groups}", *(slug(o) for o in overrides or [])])
+    paths = write_table(frame, Path(out_dir) / name, header)
+    shown = frame[
+        [
+            "config",
+            "samples_per_s",
+            "noisy",
+            "speedup_vs_bp_1t",
+            f"speedup_vs_bp_{cores}t",
+            "ideal_speedup_vs_bp_1t",
+            "peak_mem_mb_per_worker",
+            "mem_vs_bp_1t",
+            "bytes_per_sample",
+        ]
+    ]
+    shown.columns = [
+        "config",
+        "samples/s",
+        "noisy",
+        "x bp 1t",
+        f"x bp {cores}t",
+        "ideal x bp 1t",
+        "peak MB/worker",
+        "mem/bp",
+        "B/sample",
+    ]
+    console.print(rich_table(shown, title=header.splitlines()[0][2:]))
+    console.print("ideal = samples / max per-worker compute time (the critical path with perfect overlap)")
+    console.print(f"written: {', '.join(map(str, paths))}")
+    return frame

@@ -1,0 +1,141 @@
+"""Batches from in-memory tensors, normalised and augmented on the training device.
+
+Per-sample PIL pipelines would dominate a CPU epoch; here a batch is one index into a tensor,
+and augmentation is a handful of batched tensor ops.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from lctrun.data.bundle import to_unit_float
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor | None  # None on workers that never look at the inputs
+    y: torch.Tensor
+    idx: torch.Tensor  # positions in the dataset (auxiliary-variable methods key on them)
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """An independent random crop per sample after zero padding (v2.RandomCrop draws one for the batch)."""
+    b, _, h, w = x.shape
+    padded = TF.pad(x, [padding])
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], TF.horizontal_flip(x), x)
+
+
+class TensorLoader:
+    """Iterates over (x, y, idx) batches; the order depends only on (seed, epoch), so runs resume exactly."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
+        augment: str = "none",
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        drop_last: bool = False,
+        load_x: bool = True,
+    ):
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
+        self.device, self.load_x = torch.device(device), load_x
+        self.mean = None if mean is None else mean.tolist()
+        self.std = None if std is None else std.tolist()
+        self.epoch = 0
+        self._position: tuple[int, torch.Tensor] | None = None
+        self.generator: torch.Generator | None = None
+        self.data_seconds = 0.0  # time spent producing batches (for the data-share measurement)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def position(self, batches_done: int) -> tuple[int, torch.Tensor]:
+        """Where the current pass stands after `batches_done` batches (for a mid-epoch checkpoint)."""
+        return batches_done, self.generator.get_state()
+
+    def resume_at(self, position: tuple[int, torch.Tensor]) -> None:
+        """The next pass starts where `position` says, with the same order and augmentation as before."""
+        self._position = position
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def prepare(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        x = to_unit_float(x.to(self.device, non_blocking=True))
+        if generator is not None and self.augment != "none":
+            if "crop" in self.augment:
+                x = random_crop(x, max(2, x.shape[-1] // 8), generator)  # CIFAR: pad 4; MNIST: pad 3
+            if "flip" in self.augment:
+                x = random_flip(x, generator)
+        if self.mean is not None and x.dim() == 4:
+            x = TF.normalize(x, self.mean, self.std)
+        return x
+
+    def __iter__(self):
+        import time
+
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        n = len(self.y)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        first, self._position = self._position, None
+        if first is not None:  # continue an interrupted epoch: skip its done batches and their random draws
+            g.set_state(first[1])
+        self.generator = g
+        for i in range(first[0] if first else 0, len(self)):
+            start = time.perf_counter()
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            x = self.prepare(self.x[idx], g if self.shuffle else None) if self.load_x else None
+            batch = Batch(x, self.y[idx].to(self.device, non_blocking=True), idx)
+            self.data_seconds += time.perf_counter() - start
+            yield batch
+
+
+def train_loader(bundle, batch_size: int, seed: int, device="cpu", load_x: bool = True) -> TensorLoader:
+    """Shuffled batches of a DataBundle's training split, with its standard augmentation."""
+    return TensorLoader(
+        bundle.train_x,
+        bundle.train_y,
+        batch_size,
+        shuffle=True,
+        mean=bundle.mean,
+        std=bundle.std,
+        augment=bundle.augment,
+        seed=seed,
+        device=device,
+        load_x=load_x,
+    )
+
+
+def test_loader(bundle, batch_size: int, device="cpu", load_x: bool = True) -> TensorLoader:
+    """The test split in order, normalised with the training statistics, never augmented."""
+    return TensorLoader(
+        bundle.test_x,
+        bundle.test_y,
+        batch_size,
+        shuffle=False,
+        mean=bundle.mean,
+        std=bundle.std,
+        device=device,
+        load_x=load_x,
+    )

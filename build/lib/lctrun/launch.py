@@ -1,0 +1,95 @@
+"""Choose how a run executes: in this process (serial runtime) or one process per group (distributed)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from lctrun.checkpoints import resume_hint
+from lctrun.config import ConfigError, Experiment, load_experiment, to_dict
+from lctrun.train import RunResult, train
+
+RESUMABLE = {"epochs", "eval_every"}  # may change on resume: train longer, evaluate more often
+
+
+def run_training(
+    cfg: Experiment,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    console: Console | None = None,
+    isolated: bool = False,
+) -> RunResult:
+    """`isolated`: run a serial run in a fresh process, so that its peak memory is its own."""
+    if resume and run_dir is not None:
+        check_same_config(cfg, Path(run_dir))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.runtime == "serial" and "RANK" in os.environ and world > 1:
+        raise ConfigError(
+            f"torchrun started {world} processes but runtime=serial trains the whole model in each of them: "
+            f"add runtime=distributed (one process per group), or run without torchrun"
+        )
+    if cfg.runtime == "distributed":
+        from lctrun.runtime.distributed import launch
+
+        return launch(cfg, run_dir=run_dir, resume=resume, console=console)
+    if isolated:
+        from lctrun.reporting.rundir import default_run_dir
+        from lctrun.runtime.processes import run_processes
+
+        run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+        return run_processes(IsolatedRun(cfg, run_dir, resume), 1, "run", lambda: resume_hint(run_dir), console)
+    return train(cfg, run_dir=run_dir, resume=resume, console=console)
+
+
+@dataclass
+class IsolatedRun:
+    cfg: Experiment
+    run_dir: Path
+    resume: bool
+
+    def __call__(self, rank: int) -> RunResult:
+        return train(self.cfg, run_dir=self.run_dir, resume=self.resume, console=Console())
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def check_same_config(cfg: Experiment, run_dir: Path) -> None:
+    """A resumed run continues the config it was started with (only its length may change)."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return  # nothing ran there yet: a resume starts it
+    saved, now = flatten(to_dict(load_experiment(saved_path))), flatten(to_dict(cfg))
+    changed = [k for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
+    if changed:
+        what = ", ".join(f"{k}={saved.get(k)!r} in the run but {now[k]!r} now" for k in changed[:3])
+        raise ConfigError(
+            f"--resume {run_dir}: the config differs from the run's ({what}); resume with the run's own config "
+            f"(lctrun train --resume {run_dir}) or start a new run"
+        )
+
+
+def resumed_config(run_dir: Path, overrides: list[str]) -> Experiment:
+    """The config of the run in `run_dir`, with overrides (e.g. epochs=10 to train longer)."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml there)")
+    return load_experiment(run_dir / "config.yaml", overrides)
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Never train over a run by accident: a directory with checkpoints is continued with --resume."""
+    if (run_dir / "metrics.csv").exists() or any(run_dir.glob("ckpt-*.pt")):
+        raise ConfigError(
+            f"--out {run_dir} already holds a run; continue it with: lctrun train --resume {run_dir} "
+            f"(or give another --out)"
+        )

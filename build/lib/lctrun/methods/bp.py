@@ -1,0 +1,41 @@
+"""Backprop: end to end on one worker (K=1), or model-parallel across K groups.
+
+Model-parallel bp sends activations forward and gradients backward: group k waits for group k+1's
+gradient before it can update (backprop locking). It computes exactly the update of the whole model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lctrun.methods.base import Method, Stage, StageContext, StepOut
+
+
+class BPStage(Stage):
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOut:
+        if self.ctx.last:
+            return self.last_step(x, y, send_back="grad")
+        x_in = x.requires_grad_(not self.ctx.first)
+        h = self.group(x_in)
+        self.pending.append((x_in, h))
+        return StepOut(h.detach(), None, {})
+
+    def feedback(self, grad: torch.Tensor) -> torch.Tensor | None:
+        x_in, h = self.pending.popleft()
+        self.opt.zero_grad(set_to_none=True)
+        h.backward(grad)
+        self.optimizer_step()
+        self.steps += 1
+        return x_in.grad
+
+
+class Backprop(Method):
+    name = "bp"
+    description = "backprop: end to end on one worker, or model-parallel over K groups (gradients flow back)"
+    feedback = True
+    message = "grad"
+    pipelines = False
+
+    def make_stage(self, group: nn.Module, ctx: StageContext) -> Stage:
+        return BPStage(group, ctx)

@@ -1,0 +1,210 @@
+"""Models as ordered chains of named blocks, and how to cut them into layer groups.
+
+A `ChainModel` is an nn.Sequential whose children are either single blocks (`stem`, `head`) or
+`Stage`s, sequences of blocks named `<stage>.<i>` (`layer3.8`). The flattened block list is what
+a split refers to: `split: [layer2, layer3.8]` cuts after the last block of `layer2` and after
+block 8 of `layer3`, giving three groups.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lctrun.errors import ConfigError
+
+
+class Stage(nn.Sequential):
+    """A run of blocks inside a ChainModel whose blocks can be cut between (e.g. a ResNet layer)."""
+
+
+class ChainModel(nn.Sequential):
+    """forward(x) = blocks[-1](... blocks[0](x)); `named_blocks()` is the cuttable sequence."""
+
+    def __init__(self, children: dict[str, nn.Module]):
+        super().__init__(OrderedDict(children))
+
+    def named_blocks(self) -> list[tuple[str, nn.Module]]:
+        blocks = []
+        for name, child in self.named_children():
+            if isinstance(child, Stage):
+                blocks += [(f"{name}.{i}", block) for i, block in enumerate(child)]
+            else:
+                blocks.append((name, child))
+        return blocks
+
+    def block_names(self) -> list[str]:
+        return [name for name, _ in self.named_blocks()]
+
+
+class Group(nn.Sequential):
+    """A contiguous run of a ChainModel's blocks (the blocks are shared, not copied)."""
+
+    def __init__(self, blocks: list[tuple[str, nn.Module]]):
+        super().__init__(*[m for _, m in blocks])
+        self.block_names = [n for n, _ in blocks]
+
+    def extra_repr(self) -> str:
+        return f"blocks={self.block_names[0]}..{self.block_names[-1]}"
+
+
+def resolve_split(names: list[str], split: list[str]) -> list[int]:
+    """Indices (into `names`) of the last block of each group but the last."""
+    cuts = []
+    for point in split:
+        if point in names:
+            index = names.index(point)
+        else:
+            inside = [i for i, n in enumerate(names) if n.startswith(point + ".")]
+            if not inside:
+                raise ConfigError(
+                    f"split point '{point}' does not exist in this model; valid points: {_summarise(names[:-1])}"
+                )
+            index = inside[-1]
+        if index == len(names) - 1:
+            raise ConfigError(f"split point '{point}' is the model's last block: a cut there leaves an empty group")
+        cuts.append(index)
+    if cuts != sorted(set(cuts)):
+        raise ConfigError(f"split points {split} must be distinct and in model order")
+    return cuts
+
+
+def _summarise(names: list[str]) -> str:
+    """`stem, layer1.0-2, layer2.0-2` rather than every block name."""
+    out, i = [], 0
+    while i < len(names):
+        stage, _, idx = names[i].rpartition(".")
+        j = i
+        while stage and j + 1 < len(names) and names[j + 1].rpartition(".")[0] == stage:
+            j += 1
+        out.append(f"{names[i]}-{names[j].rpartition('.')[2]}" if j > i else names[i])
+        i = j + 1
+    return ", ".join(out)
+
+
+def balanced_cuts(costs: list[float], k: int, end_costs: list[float] | None = None) -> list[int]:
+    """Cut a sequence of block costs into k contiguous groups minimising the largest group's cost.
+
+    end_costs[i]: extra cost of a group (not the last) that ends at block i, e.g. a local critic there."""
+    n = len(costs)
+    end = end_costs or [0.0] * n
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[j][i]: minimal max-group cost of splitting the first i blocks into j groups
+    best = [[inf] * (n + 1) for _ in range(k + 1)]
+    arg = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for j in range(1, k + 1):
+        for i in range(j, n + 1):
+            for m in range(j - 1, i):
+                cost = max(best[j - 1][m], prefix[i] - prefix[m] + (end[i - 1] if i < n else 0.0))
+                if cost < best[j][i]:
+                    best[j][i], arg[j][i] = cost, m
+    cuts, i = [], n
+    for j in range(k, 1, -1):
+        i = arg[j][i]
+        cuts.append(i - 1)
+    return sorted(cuts)
+
+
+def block_param_costs(blocks: list[tuple[str, nn.Module]]) -> list[float]:
+    return [float(sum(p.numel() for p in m.parameters())) + 1.0 for _, m in blocks]
+
+
+def time_step(module: nn.Module, x: torch.Tensor, repeats: int = 3) -> tuple[float, torch.Tensor]:
+    """Best-of-`repeats` seconds of one forward+backward of `module` on `x`, and its output."""
+    x = x.detach().requires_grad_(x.is_floating_point())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        y = module(x)
+        y.float().sum().backward()
+        best = min(best, time.perf_counter() - start)
+    module.zero_grad(set_to_none=True)
+    return best, y.detach()
+
+
+def block_time_costs(
+    blocks: list[tuple[str, nn.Module]], sample: torch.Tensor, aux_for: Callable | None = None
+) -> tuple[list[float], list[float]]:
+    """Measured forward+backward seconds of each block on `sample` (a small batch), and of the
+    auxiliary module `aux_for(output_shape)` a method would attach after that block (0 if none)."""
+    costs, end_costs, x = [], [], sample
+    for _, block in blocks:
+        seconds, x = time_step(block, x)
+        costs.append(seconds)
+        aux = aux_for(tuple(x.shape[1:])) if aux_for is not None else None
+        end_costs.append(time_step(aux, x)[0] if aux is not None else 0.0)
+    return costs, end_costs
+
+
+def block_flop_costs(
+    blocks: list[tuple[str, nn.Module]], sample: torch.Tensor, aux_for: Callable | None = None
+) -> tuple[list[float], list[float]]:
+    """Forward FLOPs of each block on `sample`, and of the auxiliary module attached after it.
+
+    Deterministic, unlike timings; on CPU the time of conv nets follows their FLOPs closely."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            y = module(x)
+        return float(counter.get_total_flops()) + 1.0, y
+
+    costs, end_costs, x = [], [], sample
+    modes = [m.training for _, m in blocks]
+    for _, block in blocks:
+        block.eval()  # keep BN running statistics untouched
+        cost, x = flops(block, x)
+        costs.append(cost)
+        aux = aux_for(tuple(x.shape[1:])) if aux_for is not None else None
+        end_costs.append(flops(aux, x)[0] if aux is not None else 0.0)
+    for (_, block), mode in zip(blocks, modes, strict=True):
+        block.train(mode)
+    return costs, end_costs
+
+
+def split_groups(
+    model: ChainModel,
+    split: list[str] | None = None,
+    groups: int = 1,
+    balance: str = "params",
+    sample: torch.Tensor | None = None,
+    aux_for: Callable[[tuple[int, ...]], nn.Module | None] | None = None,
+) -> list[Group]:
+    """Cut `model` into groups at the named `split` points, or into `groups` balanced groups.
+
+    balance=time (or flops) measures every block on `sample`, plus the auxiliary module
+    `aux_for(shape)` that the method attaches at a cut, so that a group's critic counts towards its share."""
+    blocks = model.named_blocks()
+    names = [n for n, _ in blocks]
+    if split:
+        cuts = resolve_split(names, split)
+    else:
+        if groups > len(blocks):
+            raise ConfigError(f"model.groups={groups} but the model has only {len(blocks)} blocks to cut between")
+        if groups == 1:
+            cuts = []
+        else:
+            if balance in ("time", "flops"):
+                if sample is None:
+                    raise ConfigError(f"model.balance={balance} needs a sample batch to measure the blocks")
+                measure = block_time_costs if balance == "time" else block_flop_costs
+                with torch.random.fork_rng(devices=[]):
+                    costs, end_costs = measure(blocks, sample, aux_for)
+            else:
+                costs, end_costs = block_param_costs(blocks), None
+            cuts = balanced_cuts(costs, groups, end_costs)
+    bounds = [-1, *cuts, len(blocks) - 1]
+    return [Group(blocks[bounds[i] + 1 : bounds[i + 1] + 1]) for i in range(len(bounds) - 1)]
+
+
+def group_split_names(groups: list[Group]) -> list[str]:
+    """The split points that reproduce `groups` (the last block name of every group but the last)."""
+    return [g.block_names[-1] for g in groups[:-1]]

@@ -1,0 +1,213 @@
+"""A run's directory: resolved config, environment, per-epoch metrics, checkpoint. Written atomically."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from lctrun.config import Experiment, to_dict
+
+RESULTS = Path("results")
+
+
+def default_run_dir(cfg: Experiment) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return RESULTS / "runs" / f"{stamp}-{cfg.name}-{cfg.method}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file, then rename it over `path`: a crash or a failed write (a full disk) leaves
+    the previous file as it was, and no temporary file behind."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# Checkpoints are per epoch and per worker (tag "" for one process, ".rank<r>" for distributed workers):
+# ckpt-e<epoch><tag>.pt. A worker drops its older ones only once every worker has written the newer
+# one, so some epoch is always held by all, and a run killed mid-save resumes from that epoch.
+
+
+def checkpoint_path(run_dir: Path, epoch: int, tag: str = "") -> Path:
+    return Path(run_dir) / f"ckpt-e{epoch}{tag}.pt"
+
+
+def partial_checkpoint_path(run_dir: Path, tag: str = "") -> Path:
+    """The state at a stop inside an epoch (Ctrl-C, SIGTERM), until that epoch ends."""
+    return Path(run_dir) / f"ckpt-partial{tag}.pt"
+
+
+def has_partial_checkpoint(run_dir: Path) -> bool:
+    return any(Path(run_dir).glob("ckpt-partial*.pt"))
+
+
+def checkpoint_epochs(run_dir: Path, tag: str = "") -> set[int]:
+    pattern = re.compile(rf"ckpt-e(\d+){re.escape(tag)}\.pt")
+    return {int(m.group(1)) for f in Path(run_dir).glob("ckpt-e*.pt") if (m := pattern.fullmatch(f.name))}
+
+
+def drop_checkpoints_before(run_dir: Path, epoch: int, tag: str = "") -> None:
+    for e in checkpoint_epochs(run_dir, tag):
+        if e < epoch:
+            checkpoint_path(run_dir, e, tag).unlink(missing_ok=True)
+
+
+def resumable_epoch(run_dir: Path) -> int:
+    """The epoch a resume of this run directory would continue after, read from its files."""
+    per_tag: dict[str, set[int]] = {}
+    for f in Path(run_dir).glob("ckpt-e*.pt"):
+        if m := re.fullmatch(r"ckpt-e(\d+)(.*)\.pt", f.name):
+            per_tag.setdefault(m.group(2), set()).add(int(m.group(1)))
+    return common_epoch(list(per_tag.values()))
+
+
+def common_epoch(epochs_per_worker: list[set[int]]) -> int:
+    """The latest epoch every worker holds a checkpoint of (0: none, start from scratch)."""
+    shared = set.intersection(*map(set, epochs_per_worker)) if epochs_per_worker else set()
+    return max(shared, default=0)
+
+
+PACKAGE = Path(__file__).resolve().parents[1]
+# modules that only present finished runs; editing them cannot change a run's result
+PRESENTATION = {
+    "reproduce.py",
+    "compare.py",
+    "bench.py",
+    "cli.py",
+    "reporting/tables.py",
+    "reporting/plots.py",
+    "reporting/claims.py",
+}
+
+
+def code_version() -> str:
+    """A hash of the package code that determines a run's result (everything but the presentation modules).
+    The run cache keys on it rather than on the git commit, which changes with every commit of results/."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = path.relative_to(PACKAGE).as_posix()
+        if name not in PRESENTATION:
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def git_commit() -> str:
+    """HEAD's short hash, "-dirty" when the package code (not results/ or docs) has uncommitted changes."""
+    try:
+        here = PACKAGE
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if out.returncode == 0:
+            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def hardware_tag() -> str:
+    """What a measurement ran on: GPU name, else CPU model and core count."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} x{os.cpu_count()}"
+
+
+def environment(cfg: Experiment, extra: dict | None = None) -> dict:
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "hardware": hardware_tag(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "devices": cfg.devices,
+        "runtime": cfg.runtime,
+        "git_commit": git_commit(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **(extra or {}),
+    }
+
+
+def write_config(run_dir: Path, cfg: Experiment) -> None:
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """The whole CSV, rewritten atomically: a crash never leaves a half-written row."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, out.getvalue())
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except (TypeError, ValueError):
+            pass
+    return text

@@ -1,0 +1,467 @@
+"""`lctrun reproduce TABLE --scale smoke|small|paper`: a published table re-run here, ours beside theirs.
+
+A table is data, `lctrun/experiments/tables/<name>.yaml` (installed with the package; `experiments/` in a
+checkout links there):
+
+    title, source            what the table is and where its published values come from
+    published_setting        the setting of those values (dataset, model, schedule)
+    experiment               the base experiment file every run starts from
+    scales: {paper: {note, overrides}, small: ..., smoke: ...}
+                             how each scale shrinks (or not) the paper's setting
+    scales_from              or: the scales of another table (tables of one paper share them)
+    columns                  the measured columns to show (see `measure`)
+    reference                label of the run that speedups and memory ratios are relative to
+    layer_serial             label of the model-parallel bp run on the same cut: speedup_vs_layer_serial and
+                             g1_update_vs_bp (how much group 1 learns per epoch) are relative to it
+    gap_to                   label of the run (bp) that "vs <label>" columns subtract, ours and the paper's
+    claims: - claim, check   the paper's qualitative claims, checked on our values and on the published ones
+                             (see claims.py); a scale's `seeds: N` runs every run N times (mean ± std)
+    runs: - label, overrides, rows (final | submodels | ensembles | progressive), published, notes
+
+Each run's config is experiment + scale overrides + run overrides. Runs are cached in
+<out>/runs/<method>-<key>/, key = hash(resolved config, code version): a finished run (done.json) is
+reused, an interrupted one resumes from its checkpoint, a changed config or changed training code runs anew.
+The code version hashes the package minus the modules that only present results (rundir.code_version), so
+committing results/ or editing a table's rendering reuses every run. done.json records the commit that made it.
+Outputs: <out>/<table>-<scale>/table.csv, table.md, and PNG plots, with a header naming the scale,
+datasets, hardware and the commits of the runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from rich.console import Console
+
+from lctrun.config import Experiment, load_experiment, to_dict
+from lctrun.errors import ConfigError
+from lctrun.reporting import rundir
+from lctrun.reporting.claims import check_claim_spec, evaluate_claims
+from lctrun.reporting.plots import Curve, bar_plot, line_plot
+from lctrun.reporting.tables import rich_table, with_spread, write_table
+
+TABLES_DIR = Path(__file__).resolve().parent / "experiments" / "tables"  # package data: works installed too
+SCALES = ("smoke", "small", "paper")
+ROW_KINDS = ("final", "submodels", "ensembles", "progressive")
+TABLE_KEYS = {"title", "source", "published_setting", "experiment", "scales", "scales_from", "columns", "reference"}
+TABLE_KEYS |= {"runs", "notes", "layer_serial", "claims", "gap_to"}
+SCALE_KEYS = {"note", "overrides", "seeds"}
+RUN_KEYS = {"label", "overrides", "rows", "published", "notes", "scale_overrides"}
+
+
+@dataclass
+class TableRun:
+    label: str
+    overrides: list[str]
+    rows: str = "final"
+    published: dict = field(default_factory=dict)  # column -> value, or (rows != final) item -> {column: value}
+    notes: str = ""
+    scale_overrides: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    source: str
+    published_setting: str
+    experiment: str | None
+    scales: dict[str, dict]
+    columns: list[str]
+    runs: list[TableRun]
+    reference: str | None = None
+    notes: list[str] = field(default_factory=list)
+    layer_serial: str | None = None
+    claims: list[dict] = field(default_factory=list)
+    gap_to: str | None = None
+
+    def seeds(self, scale: str) -> int:
+        return int(self.scales[scale].get("seeds", 1))
+
+    def config(self, run: TableRun, scale: str) -> Experiment:
+        """The resolved config of one run at one scale (its errors name the table and the run)."""
+        overrides = self.scales[scale].get("overrides", []) + run.overrides + run.scale_overrides.get(scale, [])
+        try:
+            cfg = load_experiment(self.experiment and TABLES_DIR.parents[1] / self.experiment, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"table {self.name}, run '{run.label}' at scale {scale}: {e}") from None
+        return cfg
+
+
+def table_names() -> list[str]:
+    return sorted(p.stem for p in TABLES_DIR.glob("*.yaml"))
+
+
+def _require(mapping: dict, keys: set[str], where: str) -> None:
+    unknown = sorted(set(mapping) - keys)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (valid: {', '.join(sorted(keys))})")
+
+
+def load_table(name: str) -> Table:
+    path = TABLES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"unknown table '{name}': known tables are {', '.join(table_names())} (lctrun reproduce --list)"
+        )
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or "title" not in data:
+        raise ConfigError(f"{path}: a table must be a YAML mapping with a title and runs")
+    _require(data, TABLE_KEYS, str(path))
+    runs = []
+    for i, raw in enumerate(data.get("runs") or []):
+        _require(raw, RUN_KEYS, f"{path}: runs[{i}]")
+        run = TableRun(**{"overrides": [], **raw})
+        if run.rows not in ROW_KINDS:
+            raise ConfigError(f"{path}: run '{run.label}': rows={run.rows!r} is not one of {', '.join(ROW_KINDS)}")
+        runs.append(run)
+    if not runs:
+        raise ConfigError(f"{path}: a table needs at least one run")
+    scales = load_table(data["scales_from"]).scales if "scales_from" in data else data.get("scales") or {}
+    missing = [s for s in SCALES if s not in scales]
+    if missing:
+        raise ConfigError(
+            f"{path}: scales {', '.join(missing)} are not defined (each table defines {', '.join(SCALES)})"
+        )
+    for scale, settings in scales.items():
+        _require(settings or {}, SCALE_KEYS, f"{path}: scales.{scale}")
+        if not isinstance((settings or {}).get("seeds", 1), int) or (settings or {}).get("seeds", 1) < 1:
+            raise ConfigError(f"{path}: scales.{scale}.seeds must be an integer >= 1")
+    labels = [r.label for r in runs]
+    for key in ("reference", "layer_serial", "gap_to"):
+        if data.get(key) is not None and data[key] not in labels:
+            raise ConfigError(f"{path}: {key} '{data[key]}' is not a run label ({', '.join(labels)})")
+    reference = data.get("reference")
+    return Table(
+        name,
+        data["title"],
+        data.get("source", ""),
+        data.get("published_setting", ""),
+        data.get("experiment"),
+        scales,
+        list(data.get("columns") or ["test_acc"]),
+        runs,
+        reference,
+        list(data.get("notes") or []),
+        data.get("layer_serial"),
+        [check_claim_spec(c, labels, f"{path}: claims[{i}]") for i, c in enumerate(data.get("claims") or [])],
+        data.get("gap_to"),
+    )
+
+
+def check_table(table: Table) -> None:
+    """Every run at every scale resolves to a config whose method, model and dataset exist."""
+    from lctrun.data import DATASETS
+    from lctrun.methods import get_method
+    from lctrun.models import find_model
+
+    for scale in SCALES:
+        for run in table.runs:
+            cfg = table.config(run, scale)
+            get_method(cfg.method)
+            where = f"table {table.name}, run '{run.label}' at scale {scale}"
+            if find_model(cfg.model.name) is None:
+                raise ConfigError(f"{where}: unknown model '{cfg.model.name}'")
+            if cfg.data.name not in DATASETS:
+                raise ConfigError(f"{where}: unknown dataset '{cfg.data.name}'")
+
+
+# -- running --------------------------------------------------------------------------------------
+def cache_key(cfg: Experiment, code: str) -> str:
+    text = yaml.safe_dump({"config": to_dict(cfg), "code": code}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def run_cached(cfg: Experiment, label: str, cache: Path, code: str, console: Console) -> tuple[Path, bool]:
+    """(run directory, whether it was reused). Unfinished directories resume from their checkpoint."""
+    from lctrun.launch import run_training
+
+    key = cache_key(cfg, code)
+    run_dir = cache / f"{cfg.method}-{key}"  # the same config in two tables is one run
+    done = run_dir / "done.json"
+    if done.exists():
+        return run_dir, True
+    run_training(cfg, run_dir=run_dir, resume=True, console=console, isolated=cfg.runtime == "serial")
+    rundir.write_json(done, {"key": key, "code": code, "commit": rundir.git_commit(), "label": label})
+    return run_dir, False
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def measure(run_dir: Path) -> dict:
+    """The measured columns of a finished run, from its metrics.csv and workers.csv."""
+    rows = rundir.read_rows(run_dir / "metrics.csv")
+    workers = rundir.read_rows(run_dir / "workers.csv")
+    final = rows[-1]
+    out = {k: v for k, v in final.items() if k.endswith("test_acc")}
+    out["best_test_acc"] = max(r["test_acc"] for r in rows if "test_acc" in r)
+    last = [r["test_acc"] for r in rows[-3:] if "test_acc" in r]
+    out["last3_change"] = max(last) - min(last) if len(rows) >= 3 else math.nan  # converged: < 0.3 points
+    out["epochs"] = len(rows)
+    out["train_s"] = sum(r["seconds"] for r in rows)
+    out["s_per_epoch"] = out["train_s"] / len(rows)
+    out["samples_per_s"] = sum(r["samples_per_s"] * r["seconds"] for r in rows) / out["train_s"]
+    epochs = sorted({w["epoch"] for w in workers})
+    per_epoch = [[w for w in workers if w["epoch"] == e] for e in epochs]
+    out["workers"] = len(per_epoch[-1])
+    out["critical_s"] = sum(max(w["compute_s"] for w in ws) for ws in per_epoch)
+    peaks = [max(w["peak_mem_mb"] for w in workers if w["worker"] == k) for k in range(out["workers"])]
+    out["peak_mem_mb"] = max(peaks)
+    out["peak_mem_mb_per_worker"] = "/".join(f"{p:.0f}" for p in peaks)
+    out["mb_sent_per_epoch"] = sum(sum(w["bytes_sent"] for w in ws) for ws in per_epoch) / len(per_epoch) / 2**20
+    out["aux_vars_mb"] = max(sum(w.get("aux_vars_mb", 0.0) or 0.0 for w in ws) for ws in per_epoch)
+    # group 1's parameter change per epoch, in the epochs where it learns from its own sub-problem
+    out["g1_updates"] = {r["epoch"]: r["g1_update_norm"] for r in rows if r.get("g1_update_norm") not in (None, "")}
+    out["g1_updates"] = {e: v for e, v in out["g1_updates"].items() if rows[e - 1].get("phase") != "serial"}
+    return out
+
+
+def expand(run: TableRun, run_dir: Path) -> list[dict]:
+    """The table rows of one run: its final result, or one row per sub-model / ensemble / threshold."""
+    measured = measure(run_dir)
+    if run.rows == "final":
+        return [{"run": run.label, "item": "", **measured}]
+    frame = pd.read_csv(run_dir / f"{run.rows}.csv")
+    key = frame.columns[0]  # model, or threshold
+    rows = [{"run": run.label, "item": str(r[key]), **r.drop(key).to_dict()} for _, r in frame.iterrows()]
+    if run.rows in ("ensembles", "progressive"):  # what they are measured against
+        rows.append({"run": run.label, "item": "main", "test_acc": measured["test_acc"], "flops_frac": 1.0})
+    return rows
+
+
+def over_seeds(per_seed: list[list[dict]]) -> list[dict]:
+    """One row per table row: numbers averaged over the seeds, with "<column> std" (sample std) when there
+    is more than one seed; anything else (per-worker strings, per-epoch dicts) from the first seed."""
+    out = []
+    for same in zip(*per_seed, strict=True):
+        row = dict(same[0], seeds=len(same))
+        for key in same[0]:
+            values = [r.get(key) for r in same]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                row[key] = sum(values) / len(values)
+                if len(values) > 1:
+                    mean = row[key]
+                    row[f"{key} std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        out.append(row)
+    return out
+
+
+def reference_row(rows: list[dict], label: str | None) -> dict | None:
+    return next((r for r in rows if r["run"] == label and r["item"] == ""), None)
+
+
+def relative(rows: list[dict], reference: str | None, layer_serial: str | None = None) -> None:
+    """Speedup (wall clock and the critical-path bound) and memory relative to the reference run; against the
+    layer-serial (model-parallel bp) run, speedup_vs_layer_serial and g1_update_vs_bp: the smallest, over a
+    run's epochs (parallel ones for penalty/al), of group 1's parameter change over that run's in the same epoch."""
+    ref, serial = reference_row(rows, reference), reference_row(rows, layer_serial)
+    for r in (r for r in rows if "train_s" in r):
+        if ref is not None:
+            r["speedup"] = ref["train_s"] / r["train_s"]
+            r["ideal_speedup"] = ref["train_s"] / r["critical_s"]
+            r["mem_vs_ref"] = r["peak_mem_mb"] / ref["peak_mem_mb"]
+        if serial is not None:
+            r["speedup_vs_layer_serial"] = serial["train_s"] / r["train_s"]
+            base = serial["g1_updates"]
+            ratios = [v / base[e] for e, v in r["g1_updates"].items() if base.get(e)]
+            if ratios:
+                r["g1_update_vs_bp"] = min(ratios)
+
+
+def published_value(run: TableRun, item: str, column: str):
+    values = run.published.get(item, {}) if run.rows != "final" else run.published
+    return values.get(column) if isinstance(values, dict) else None
+
+
+def assemble(table: Table, rows: list[dict]) -> pd.DataFrame:
+    """run, item, then per column: ours, and where the paper has one: paper and gap (ours - paper)."""
+    runs = {r.label: r for r in table.runs}
+    out = []
+    for row in rows:
+        run = runs[row["run"]]
+        line = {"run": row["run"], "item": row["item"]}
+        for col in table.columns:
+            line[col] = row.get(col, math.nan)
+            if f"{col} std" in row:
+                line[f"{col} std"] = row[f"{col} std"]
+            if col == "test_acc" and table.gap_to:
+                line.update(gap_to_reference(table, rows, row))
+            if any(published_value(r, it, col) is not None for r in table.runs for it in _items(r)):
+                paper = published_value(run, row["item"], col)
+                line[f"{col} (paper)"] = "n/a" if paper is None else paper
+                ours = line[col]
+                numeric = isinstance(paper, (int, float)) and isinstance(ours, (int, float))
+                line[f"{col} gap"] = ours - paper if numeric and not math.isnan(ours) else ""
+        out.append(line)
+    frame = pd.DataFrame(out)
+    if (frame["item"] == "").all():
+        frame = frame.drop(columns="item")
+    return frame
+
+
+def gap_to_reference(table: Table, rows: list[dict], row: dict) -> dict:
+    """test_acc minus the gap_to run's (the same item, e.g. sub-model 1 against bp's sub-model 1, else its
+    final result), ours and the paper's: absolute numbers on another dataset cannot match, gaps can."""
+    runs = {r.label: r for r in table.runs}
+    ref_run = runs[table.gap_to]
+    ref = next((r for r in rows if r["run"] == table.gap_to and r["item"] == row["item"]), None)
+    ref = ref or next((r for r in rows if r["run"] == table.gap_to and r["item"] in ("", "main")), None)
+    ours = row.get("test_acc", math.nan) - ref["test_acc"] if ref and "test_acc" in ref else math.nan
+    paper_ref = published_value(ref_run, ref["item"], "test_acc") if ref else None
+    paper = published_value(runs[row["run"]], row["item"], "test_acc")
+    numeric = isinstance(paper, (int, float)) and isinstance(paper_ref, (int, float))
+    return {f"vs {table.gap_to}": ours, f"vs {table.gap_to} (paper)": paper - paper_ref if numeric else "n/a"}
+
+
+def _items(run: TableRun) -> list[str]:
+    return list(run.published) if run.rows != "final" else [""]
+
+
+def convergence_line(changes: dict[str, float], reference: str | None) -> str:
+    """Whether the runs had converged: test accuracy moving by under 0.3 points over the last 3 epochs."""
+    if all(math.isnan(v) for v in changes.values()):
+        return "- convergence: not measured (fewer than 3 epochs)"
+    moving = {k: v for k, v in changes.items() if v >= 0.3}
+    line = "- convergence (test accuracy over the last 3 epochs, max - min, mean over seeds): "
+    if reference in changes:
+        v = changes[reference]
+        line += f"{reference} moved {v:.2f} points, " + (
+            "converged (< 0.3); " if v < 0.3 else f"NOT converged (by {v - 0.3:.2f}); "
+        )
+    if moving:
+        return line + "still moving by 0.3 or more: " + ", ".join(f"{k} {v:.2f}" for k, v in moving.items())
+    return line + f"every run under 0.3 (largest {max(changes.values()):.2f})"
+
+
+def write_claims(claims: pd.DataFrame, target: Path) -> list[Path]:
+    """claims.csv, and the claims appended to table.md."""
+    from lctrun.reporting.tables import to_markdown
+
+    claims.to_csv(target / "claims.csv", index=False)
+    md = target / "table.md"
+    md.write_text(md.read_text() + "\n## The paper's claims, checked\n\n" + to_markdown(claims) + "\n")
+    return [target / "claims.csv"]
+
+
+def header(table: Table, scale: str, configs: list[Experiment], commits: list[str], seeds: int = 1) -> str:
+    datasets = sorted(
+        {f"{c.data.name} ({c.data.train_size or 'all'} train / {c.data.test_size or 'all'} test)" for c in configs}
+    )
+    models = sorted({c.model.name for c in configs})
+    epochs = sorted({c.epochs for c in configs})
+    devices = sorted({",".join(c.devices) for c in configs})
+    lines = [
+        f"# {table.title}",
+        "",
+        f"- scale: **{scale}**: {table.scales[scale].get('note', '')}",
+        f"- source: {table.source}",
+        f"- the papers' setting: {table.published_setting}",
+        f"- measured here: dataset {', '.join(datasets)}; model {', '.join(models)}; "
+        f"epochs {', '.join(map(str, epochs))}; "
+        + (
+            f"{seeds} seeds per run (seed {configs[0].seed}..{configs[0].seed + seeds - 1}), mean ± sample std"
+            if seeds > 1
+            else "one seed"
+        ),
+        f"- hardware: {rundir.hardware_tag()}, devices {'; '.join(devices)}; runs made by commit "
+        f"{', '.join(commits)} (each run's done.json); rendered "
+        f"{pd.Timestamp.now().strftime('%Y-%m-%d %H:%M')}",
+    ]
+    if scale != "paper" and any(r.published for r in table.runs):
+        lines.append(
+            f"- the published column is the paper's own setting; ours is the {scale}-scale run above, not a "
+            "reproduction of that setting"
+        )
+    if table.reference:
+        lines.append(f"- speedup and mem_vs_ref are relative to the run '{table.reference}' (same scale, same machine)")
+    if table.layer_serial:
+        lines.append(
+            f"- speedup_vs_layer_serial is relative to '{table.layer_serial}'; g1_update_vs_bp: group 1's parameter "
+            f"change in an epoch (parallel epochs only, for penalty/al) over that of '{table.layer_serial}' in the "
+            f"same epoch, the smallest over the run's epochs"
+        )
+    lines += [f"- {n}" for n in table.notes]
+    lines += [f"- {r.label}: {r.notes}" for r in table.runs if r.notes]
+    return "\n".join(lines)
+
+
+def plots(table: Table, frame: pd.DataFrame, rows: list[dict], configs: dict[str, Experiment], out: Path) -> list[Path]:
+    paths = []
+    names = [f"{r['run']} {r['item']}".strip() for r in rows]
+    if "test_acc" in frame.columns:
+        series = {"ours": [float(v) for v in frame["test_acc"]]}
+        if "test_acc (paper)" in frame.columns:
+            series["paper"] = [v if isinstance(v, (int, float)) else math.nan for v in frame["test_acc (paper)"]]
+        paths.append(bar_plot(names, series, out / "accuracy.png", "test accuracy (%)", table.title))
+    if "speedup" in frame.columns:
+        curves: dict[str, Curve] = {}
+        for method in dict.fromkeys(c.method for c in configs.values()):
+            pts = sorted(
+                (r["workers"], r["speedup"], r["ideal_speedup"])
+                for r in rows
+                if configs[r["run"]].method == method and "speedup" in r
+            )
+            if pts:
+                curves[method] = Curve([p[0] for p in pts], [p[1] for p in pts])
+                curves[f"{method} (critical-path bound)"] = Curve([p[0] for p in pts], [p[2] for p in pts])
+        paths.append(line_plot(curves, out / "speedup.png", "workers (K)", "speedup vs reference", table.title, True))
+    if "peak_mem_mb_per_worker" in frame.columns:
+        per_worker = [[float(x) for x in str(r["peak_mem_mb_per_worker"]).split("/")] for r in rows]
+        most = max(len(p) for p in per_worker)
+        series = {f"worker {k}": [p[k] if k < len(p) else math.nan for p in per_worker] for k in range(most)}
+        paths.append(bar_plot(names, series, out / "memory.png", "peak memory per worker (MB)", table.title))
+    return paths
+
+
+def reproduce(name: str, scale: str = "small", out: Path = Path("results/tables"), console: Console | None = None):
+    console = console or Console()
+    if scale not in SCALES:
+        raise ConfigError(f"--scale {scale!r} is not one of: {', '.join(SCALES)}")
+    table = load_table(name)
+    check_table(table)
+    code = rundir.code_version()
+    configs = {run.label: table.config(run, scale) for run in table.runs}
+    seeds = table.seeds(scale)
+    rows, commits, changes = [], [], {}
+    for i, run in enumerate(table.runs, 1):
+        per_seed = []
+        for seed in range(configs[run.label].seed, configs[run.label].seed + seeds):
+            console.print(f"[bold]\\[{i}/{len(table.runs)}] {run.label}[/]" + (f" seed {seed}" if seeds > 1 else ""))
+            cfg = dataclasses.replace(configs[run.label], seed=seed)
+            run_dir, reused = run_cached(cfg, run.label, Path(out) / "runs", code, console)
+            commits.append(json.loads((run_dir / "done.json").read_text()).get("commit", "unknown"))
+            if reused:
+                console.print(f"  reused {run_dir}")
+            per_seed.append(expand(run, run_dir))
+            changes.setdefault(run.label, []).append(measure(run_dir)["last3_change"])
+        rows += over_seeds(per_seed)
+    relative(rows, table.reference, table.layer_serial)
+    frame = assemble(table, rows)
+    claims = evaluate_claims(table, rows, published_value)
+    target = Path(out) / f"{name}-{scale}"
+    text = header(table, scale, list(configs.values()), list(dict.fromkeys(commits)), seeds)
+    text += "\n" + convergence_line({k: sum(v) / len(v) for k, v in changes.items()}, table.gap_to)
+    written = write_table(frame, target / "table", text, shown=with_spread(frame))
+    if claims is not None:
+        written += write_claims(claims, target)
+    written += plots(table, frame, rows, configs, target)
+    console.print(rich_table(with_spread(frame), title=f"{table.title} [{scale} scale]"))
+    for claim in [] if claims is None else claims.to_dict("records"):  # one line each: readable in 80 columns
+        style = {"holds": "green", "fails": "red"}.get(claim["ours"], "")
+        console.print(
+            f"[{style or 'default'}]{claim['ours']:5}[/] {claim['claim']} (paper: {claim['paper']}; "
+            f"ours: {claim['our values']})",
+            highlight=False,
+        )
+    console.print(f"outputs: {target} ({', '.join(p.name for p in written)})")
+    return frame

@@ -1,0 +1,59 @@
+"""What every runtime gives the training loop: epochs of training and evaluation over stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lctrun.errors import LctrunError
+
+
+@dataclass
+class EvalOutput:
+    labels: torch.Tensor  # (N,)
+    logits: list[torch.Tensor | None]  # per group: sub-model logits (None if the method has none); last = main
+
+
+def add_metrics(total: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor], prefix: str = "") -> None:
+    for key, value in metrics.items():
+        key = prefix + key
+        total[key] = total[key] + value.detach().cpu() if key in total else value.detach().cpu()
+
+
+def parameters_of(stage) -> torch.Tensor:
+    """A copy of the group's parameters, flat: what `update_norm` measures an epoch's change from."""
+    return torch.cat([q.detach().float().flatten().cpu() for q in stage.group.parameters()])
+
+
+def update_norm(stage, before: torch.Tensor) -> dict[str, torch.Tensor]:
+    """||theta_end - theta_start|| of the group over an epoch: how much it learnt (metrics: gK_update_norm)."""
+    return {"update_norm": (parameters_of(stage) - before).norm()}
+
+
+def stage_prefix(k: int, num_groups: int) -> str:
+    """Metrics of the last group are the model's own; the others are prefixed with their group."""
+    return "" if k == num_groups - 1 else f"g{k + 1}_"
+
+
+def averages(total: dict[str, torch.Tensor], samples: int) -> dict[str, float]:
+    """Turn summed losses, residuals and correct counts into means and accuracies (%)."""
+    out = {}
+    for key, value in total.items():
+        if key.endswith(("loss", "residual")):
+            out[key] = float(value) / max(samples, 1)
+        elif key.endswith("correct"):
+            out[key[: -len("correct")] + "acc"] = 100.0 * float(value) / max(samples, 1)
+        elif key != "n":
+            out[key] = float(value)
+    return out
+
+
+def check_step(metrics: dict[str, torch.Tensor], method: str, group: int, epoch: int, step: int) -> None:
+    """Stop at the first step whose loss (or constraint residual) is NaN/Inf, naming where it happened."""
+    for key, value in metrics.items():
+        if key.endswith(("loss", "residual")) and not bool(torch.isfinite(value).all()):
+            raise LctrunError(
+                f"training diverged: {key} is {float(value.sum())} in method {method}, group {group}, "
+                f"epoch {epoch}, step {step} (try a smaller optim.lr); the run directory keeps every finished epoch"
+            )

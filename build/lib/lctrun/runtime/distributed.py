@@ -1,0 +1,355 @@
+"""One process per layer group over torch.distributed: gloo on CPU, NCCL on distinct CUDA devices.
+
+`lctrun train ... runtime=distributed` spawns the K local workers itself; under
+`torchrun --nproc_per_node ... -m lctrun train ...` each process reads RANK/WORLD_SIZE/LOCAL_RANK.
+Worker k holds stage k only. Per batch it receives its input from worker k-1, steps, sends its
+output to worker k+1 and its backward message to worker k-1. With pipeline_depth D it runs ahead up
+to D batches before it must take group k+1's feedback for the oldest one (D=1: synchronous, the same
+updates as the serial runtime). Methods that defer their backward message (bp) always run with D=1.
+With a wire of order "backward" (the parallel phases of penalty/al) worker k+1 leads instead: worker k
+takes worker k+1's message for a batch before stepping it, and worker k-1's forward message for it up to
+D batches later, so worker k runs up to D batches ahead of worker k-1 and nobody waits for a round trip.
+The stage's `wire` gives the message shapes, D and the order for the epoch (they change between SPH phases).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections import deque
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+
+from lctrun.config import Experiment
+from lctrun.data import TensorLoader
+from lctrun.errors import ConfigError
+from lctrun.methods import EpochPlan, Method, Stage
+from lctrun.runtime.accounting import SavedTensors, state_account
+from lctrun.runtime.base import EvalOutput, add_metrics, averages, check_step, parameters_of, stage_prefix, update_norm
+from lctrun.runtime.faults import InjectedFault
+from lctrun.runtime.memory import PeakMemory
+from lctrun.runtime.processes import run_processes
+from lctrun.runtime.stop import EpochProgress
+from lctrun.runtime.transport import BACKWARD, EVAL, FORWARD, Channel
+
+STOP_CHECK_EVERY = 8
+
+
+class DistributedRuntime:
+    def __init__(self, method: Method, stage: Stage, shapes: list):
+        self.method, self.stage = method, stage
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.needs_inputs = self.rank == 0  # the other workers receive their inputs
+        self.first, self.last = self.rank == 0, self.rank == self.world - 1
+        self.in_shape = shapes[self.rank][0]  # evaluation messages: the plain model's states
+        self.channel = Channel(stage.device)
+        self.memory = PeakMemory(stage.device)
+        self.account: dict[str, float] = {}
+        self.worker_stats: list[dict] = []
+        self.checkpoint_tag = f".rank{self.rank}"  # one checkpoint file per worker
+        self.stop_signals = (signal.SIGUSR1,)  # from the launcher; SIGTERM still ends a worker at once
+        self.fault = InjectedFault.from_env(self.rank)
+
+    # -- training -------------------------------------------------------------------------------
+    def _input(self, batch, tag: int, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.first:
+            return batch.x
+        return self.channel.recv((len(batch.y), *shape), self.rank - 1, tag)
+
+    def _take_feedback(self, batch_size: int) -> None:
+        shape = (batch_size, *self.stage.wire.feedback_shape)
+        deferred = self.stage.feedback(self.channel.recv(shape, self.rank + 1, BACKWARD))
+        if deferred is not None and not self.first:
+            self.channel.send(deferred, self.rank - 1, BACKWARD)
+
+    def _stops_after(self, step: int, stop, steps: int) -> bool:
+        """Whether every worker ends the epoch after `step`: rank 0 decides (it is the one the launcher
+        asks to stop) and the decision travels down the chain with the activations. Asked every
+        STOP_CHECK_EVERY steps only: each question is a message (a few % of a small model's step)."""
+        if step % STOP_CHECK_EVERY:
+            return False
+        stops = bool(stop) and step < steps if self.first else self.channel.recv_flag(self.rank - 1)
+        if not self.last:
+            self.channel.send_flag(stops, self.rank + 1)
+        return stops
+
+    def _store_input(self, batch_size: int) -> None:
+        self.stage.store_input(self.channel.recv((batch_size, *self.stage.wire.in_shape), self.rank - 1, FORWARD))
+
+    def _stops_after_last_first(self, step: int, stop, steps: int, depth: int) -> bool:
+        """_stops_after for order="backward", where worker k runs up to k * depth steps ahead of worker 0:
+        rank 0 asks at step s and sends the answer to every worker; all stop after step s + (K-1) depth.
+        Worker k reads the answer after its step s + k depth, so nobody waits for it; once the answer is yes,
+        nobody asks again."""
+        margin = (self.world - 1) * depth
+        asked = step - self.rank * depth
+        if (
+            self.stop_at is None
+            and asked >= self.first_step
+            and asked % STOP_CHECK_EVERY == 0
+            and asked + margin < steps
+        ):
+            if self.first:
+                stops = bool(stop)
+                for rank in range(1, self.world):
+                    self.channel.send_flag(stops, rank)
+            else:
+                stops = self.channel.recv_flag(0)
+            if stops:
+                self.stop_at = asked + margin
+        return self.stop_at == step
+
+    def train_epoch(self, loader: TensorLoader, on_batch=None, stop=None, partial=None) -> dict[str, float]:
+        """One pass over `loader`; `partial` continues a pass that `stop` ended early (an EpochInterrupted's).
+
+        A stop drains the pipeline like an epoch end, so with pipeline depth > 1 the resumed run equals an
+        uninterrupted one only up to where the feedback of the last steps is applied."""
+        self.stage.train(True)
+        wire = self.stage.wire
+        last_first = wire.order == "backward"
+        # batch sizes still owed a message: feedback from worker k+1, or (last_first) worker k-1's forward one
+        waiting: deque[int] = deque()
+        owed = not self.first if last_first else wire.feedback_shape is not None
+        settle = self._store_input if last_first else self._take_feedback
+        lag = wire.depth if last_first else wire.depth - 1  # batches that may stay owed after a step
+        run, stopped, self.stop_at = EpochProgress(loader, partial, [parameters_of(self.stage)]), 0, None
+        self.first_step = run.first_step  # a resumed pass asks from here on, on every worker
+        if partial and "counters" in partial:  # the traffic and waiting before the stop belong to this row too
+            self.channel.add_counters(partial["counters"])
+        for step, batch in run.steps():
+            self.fault.tick()
+            if last_first:
+                if not self.last:
+                    target = self.channel.recv((len(batch.y), *wire.feedback_shape), self.rank + 1, BACKWARD)
+                    self.stage.feedback(target)
+                x = batch.x if self.first else None
+            else:
+                x = self._input(batch, FORWARD, wire.in_shape)
+            y = batch.y.to(self.stage.device, non_blocking=True)
+            if not self.account:
+                with SavedTensors() as saved:
+                    out = self.stage.train_step(x, y, batch.idx)
+                self.account = {"activations_mb": round(saved.bytes / 2**20, 3)}
+            else:
+                out = self.stage.train_step(x, y, batch.idx)
+            check_step(out.metrics, self.method.name, self.rank + 1, loader.epoch, step)
+            add_metrics(run.total, out.metrics)
+            if out.backward is not None and not self.first:
+                self.channel.send(out.backward, self.rank - 1, BACKWARD)
+            if not self.last:
+                self.channel.send(out.forward, self.rank + 1, FORWARD)
+            if last_first:
+                stops = self._stops_after_last_first(step, stop, len(loader), wire.depth)
+            else:
+                stops = self._stops_after(step, stop, len(loader))
+            if owed:
+                waiting.append(len(batch.y))
+                while len(waiting) > lag:
+                    settle(waiting.popleft())
+            run.samples += len(batch.y)
+            if on_batch:
+                on_batch()
+            if stops:
+                stopped = step
+                break
+        while waiting:
+            settle(waiting.popleft())
+        self.channel.flush()
+        if stopped:
+            interrupted = run.interrupted(stopped)
+            interrupted.partial["counters"] = self.channel.take_counters()
+            raise interrupted
+        add_metrics(run.total, update_norm(self.stage, run.params[0]))
+        seconds = run.seconds
+        stats = {
+            "worker": self.rank,
+            "group": self.rank + 1,
+            "device": str(self.stage.device),
+            **self.channel.take_counters(),
+            "seconds": round(seconds, 3),
+            "peak_mem_mb": round(self.memory.peak_bytes() / 2**20, 1),
+            **state_account(self.stage),
+            **self.account,
+        }
+        stats["compute_s"] = round(seconds - stats["wait_s"], 3)
+        gathered = [None] * self.world if self.is_main else None
+        dist.gather_object((run.total, stats), gathered, dst=0)
+        if not self.is_main:
+            return {}
+        merged: dict[str, torch.Tensor] = {}
+        for k, (part, _) in enumerate(gathered):
+            add_metrics(merged, part, stage_prefix(k, self.world))
+        self.worker_stats = [s for _, s in gathered]
+        return averages(merged, run.samples)
+
+    def begin_epoch(self, plan: EpochPlan) -> None:
+        self.stage.begin_epoch(plan)
+
+    @torch.no_grad()
+    def refresh(self, loader: TensorLoader) -> None:
+        """A forward pass along the chain (its traffic counts towards the next epoch's)."""
+        self.stage.train(True)
+        for batch in loader:
+            h = self.stage.refresh_step(self._input(batch, FORWARD, self.stage.wire.in_shape), batch.idx)
+            if not self.last:
+                self.channel.send(h, self.rank + 1, FORWARD)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loader: TensorLoader) -> EvalOutput | None:
+        self.stage.train(False)
+        logits, labels = [], []
+        for batch in loader:
+            h, aux = self.stage.eval_forward(self._input(batch, EVAL, self.in_shape))
+            if not self.last:
+                self.channel.send(h, self.rank + 1, EVAL)
+            mine = h if self.last else aux
+            if mine is not None:
+                logits.append(mine.float().cpu())
+            labels.append(batch.y.cpu())
+        self.channel.flush()
+        self.channel.take_counters()  # evaluation traffic is not training traffic
+        mine = torch.cat(logits) if logits else None
+        gathered = [None] * self.world if self.is_main else None
+        dist.gather_object(mine, gathered, dst=0)
+        return EvalOutput(torch.cat(labels), gathered) if self.is_main else None
+
+    # -- the rest of the runtime interface ------------------------------------------------------
+    @property
+    def lr(self) -> float:
+        return self.stage.lr
+
+    def epoch_end(self) -> None:
+        self.stage.epoch_end()
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def state_dict(self) -> dict:
+        return {"stages": [self.stage.state_dict()]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage.load_state_dict(state["stages"][0])
+
+    def agree(self, value):
+        """Every worker gets rank 0's value (run directory, resume epoch)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value) -> list:
+        """Every worker's value, on every worker (e.g. which checkpoints each one holds)."""
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+
+def num_groups(cfg: Experiment) -> int:
+    return len(cfg.model.split) + 1 if cfg.model.split else cfg.model.groups
+
+
+def worker_device(cfg: Experiment, rank: int, local_rank: int) -> torch.device:
+    if len(cfg.devices) > 1:
+        return torch.device(cfg.devices[rank])
+    device = torch.device(cfg.devices[0])
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return device
+
+
+def run_worker(cfg: Experiment, rank: int, world: int, local_rank: int, init_method: str, job):
+    """Join the process group, build this worker's stage, and run `job(prepared, runtime, console)`."""
+    from lctrun.methods import build_stage
+    from lctrun.models.chain import group_split_names
+    from lctrun.train import group_devices, prepare
+
+    device = worker_device(cfg, rank, local_rank)
+    devices = [worker_device(cfg, r, r) for r in range(world)]
+    # NCCL needs one rank per GPU; ranks that share a GPU, or run on CPU, talk over gloo.
+    backend = "nccl" if device.type == "cuda" and len(set(devices)) == world else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
+    try:
+        torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // world))
+        if cfg.model.balance == "time" and not cfg.model.split and cfg.model.groups > 1:
+            # timings differ between processes: rank 0 chooses the cut for everyone
+            split = group_split_names(prepare(cfg, check_devices=False).groups) if rank == 0 else None
+            box = [split]
+            dist.broadcast_object_list(box, src=0)
+            cfg = replace(cfg, model=replace(cfg.model, split=box[0]))
+        p = prepare(cfg, check_devices=False)
+        if len(p.groups) != world:
+            fix = (
+                f"start torchrun with --nnodes x --nproc_per_node = {len(p.groups)}"
+                if init_method == "env://"
+                else f"set workers={len(p.groups)}"
+            )
+            raise ConfigError(
+                f"runtime=distributed runs one worker per group: {world} workers but the cut gives "
+                f"{len(p.groups)} groups ({fix}, or change model.split/model.groups)"
+            )
+        group_devices(cfg, world)
+        stage = build_stage(p, rank, device)
+        runtime = DistributedRuntime(p.method, stage, p.shapes)
+        return job(p, runtime, Console() if rank == 0 else Console(quiet=True))
+    finally:
+        dist.destroy_process_group()
+
+
+@dataclass
+class TrainJob:
+    run_dir: Path | None
+    resume: bool
+
+    def __call__(self, p, runtime, console):
+        from lctrun.train import train
+
+        return train(p.cfg, self.run_dir, self.resume, console, runtime=runtime, prepared=p)
+
+
+@dataclass
+class WorkerBody:
+    """What each spawned worker process runs: join the local process group, then the job."""
+
+    cfg: Experiment
+    world: int
+    port: int
+    job: object
+
+    def __call__(self, rank: int):
+        return run_worker(self.cfg, rank, self.world, rank, f"tcp://127.0.0.1:{self.port}", self.job)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_workers(cfg: Experiment, job, where="", console: Console | None = None):
+    """Start one local process per group, run `job` in each, return rank 0's result."""
+    world = cfg.workers or num_groups(cfg)
+    return run_processes(WorkerBody(cfg, world, free_port(), job), world, "worker", where, console)
+
+
+def launch(cfg: Experiment, run_dir: Path | None = None, resume: bool = False, console: Console | None = None):
+    """Train with the distributed runtime: in this process under torchrun, else one local process per group."""
+    from lctrun.checkpoints import resume_hint
+    from lctrun.reporting.rundir import default_run_dir
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        return run_worker(cfg, rank, world, local_rank, "env://", TrainJob(run_dir, resume))
+    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+    return spawn_workers(cfg, TrainJob(run_dir, resume), where=lambda: resume_hint(run_dir), console=console)

@@ -1,0 +1,163 @@
+"""One process runs every stage in turn (groups may still sit on different devices)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+
+import torch
+
+from lctrun.data import TensorLoader
+from lctrun.methods import EpochPlan, Method, Stage
+from lctrun.runtime.accounting import SavedTensors, state_account
+from lctrun.runtime.base import EvalOutput, add_metrics, averages, check_step, parameters_of, stage_prefix, update_norm
+from lctrun.runtime.faults import InjectedFault
+from lctrun.runtime.memory import PeakMemory
+from lctrun.runtime.stop import EpochProgress
+
+
+def to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if x is None else x.to(device, non_blocking=True)
+
+
+class SerialRuntime:
+    is_main = True
+    needs_inputs = True
+    rank = 0
+    checkpoint_tag = ""
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # each asks for a stop between two steps
+
+    def __init__(self, method: Method, stages: list[Stage]):
+        self.method, self.stages = method, stages
+        self.memory = PeakMemory(stages[0].device)
+        self.account: list[dict[str, float]] = []
+        self.worker_stats: list[dict] = []
+        self.fault = InjectedFault.from_env(0)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, total: dict, where: tuple = (0, 0)) -> None:
+        K = len(self.stages)
+        self.fault.tick()
+        if self.stages[0].wire.order == "backward":
+            return self.step_last_first(x, y, idx, total, where)
+        backward: list[torch.Tensor | None] = [None] * K
+        for k, stage in enumerate(self.stages):
+            out = stage.train_step(to(x, stage.device), to(y, stage.device), idx)
+            check_step(out.metrics, self.method.name, k + 1, *where)
+            add_metrics(total, out.metrics, stage_prefix(k, K))
+            backward[k], x = out.backward, out.forward
+        for k in range(K - 2, -1, -1):
+            if self.stages[k].wire.feedback_shape is not None:
+                deferred = self.stages[k].feedback(to(backward[k + 1], self.stages[k].device))
+                if deferred is not None:
+                    backward[k] = deferred
+
+    def step_last_first(self, x, y, idx, total: dict, where: tuple) -> None:
+        """A batch of a wire with order="backward": group K steps first, each group's backward message is
+        group k-1's feedback for this batch, and the forward messages are stored afterwards."""
+        K, target = len(self.stages), None
+        forward: list[torch.Tensor | None] = [None] * K
+        for k in range(K - 1, -1, -1):
+            stage = self.stages[k]
+            if k < K - 1:
+                stage.feedback(to(target, stage.device))
+            out = stage.train_step(to(x, stage.device) if k == 0 else None, to(y, stage.device), idx)
+            check_step(out.metrics, self.method.name, k + 1, *where)
+            add_metrics(total, out.metrics, stage_prefix(k, K))
+            target, forward[k] = out.backward, out.forward
+        for k in range(1, K):
+            self.stages[k].store_input(to(forward[k - 1], self.stages[k].device))
+
+    def train_epoch(
+        self, loader: TensorLoader, on_batch: Callable[[], None] | None = None, stop=None, partial: dict | None = None
+    ) -> dict[str, float]:
+        """One pass over `loader`; `partial` continues a pass stopped by `stop` (an EpochInterrupted's)."""
+        for stage in self.stages:
+            stage.train(True)
+        run = EpochProgress(loader, partial, [parameters_of(s) for s in self.stages])
+        for step, batch in run.steps():
+            if not self.account:
+                with SavedTensors() as saved:
+                    self.step(batch.x, batch.y, batch.idx, run.total, (loader.epoch, step))
+                self.account = [{"activations_mb": round(saved.bytes / 2**20, 3)}]
+            else:
+                self.step(batch.x, batch.y, batch.idx, run.total, (loader.epoch, step))
+            run.samples += len(batch.y)
+            if on_batch:
+                on_batch()
+            if stop and step < len(loader):
+                raise run.interrupted(step)
+        for k, stage in enumerate(self.stages):
+            add_metrics(run.total, update_norm(stage, run.params[k]), stage_prefix(k, len(self.stages)))
+        seconds = round(run.seconds, 3)
+        devices = ",".join(sorted({str(s.device) for s in self.stages}))
+        state = [state_account(s) for s in self.stages]
+        self.worker_stats = [
+            {
+                "worker": 0,
+                "group": "all",
+                "device": devices,
+                "bytes_sent": 0,
+                "bytes_received": 0,
+                "wait_s": 0.0,
+                "seconds": seconds,
+                "compute_s": seconds,
+                "peak_mem_mb": round(self.memory.peak_bytes() / 2**20, 1),
+                **{key: round(sum(s[key] for s in state), 3) for key in state[0]},
+                **self.account[0],
+            }
+        ]
+        return averages(run.total, run.samples)
+
+    def begin_epoch(self, plan: EpochPlan) -> None:
+        for stage in self.stages:
+            stage.begin_epoch(plan)
+
+    @torch.no_grad()
+    def refresh(self, loader: TensorLoader) -> None:
+        for stage in self.stages:
+            stage.train(True)
+        for batch in loader:
+            h = batch.x
+            for stage in self.stages:
+                h = stage.refresh_step(to(h, stage.device), batch.idx)
+
+    @torch.no_grad()
+    def evaluate(self, loader: TensorLoader) -> EvalOutput:
+        for stage in self.stages:
+            stage.train(False)
+        labels, logits = [], [[] for _ in self.stages]
+        for batch in loader:
+            h = batch.x
+            for k, stage in enumerate(self.stages):
+                h, aux = stage.eval_forward(to(h, stage.device))
+                logits[k].append(h if k == len(self.stages) - 1 else aux)
+            labels.append(batch.y.cpu())
+        merged = [None if parts[0] is None else torch.cat([p.float().cpu() for p in parts]) for parts in logits]
+        return EvalOutput(torch.cat(labels), merged)
+
+    @property
+    def lr(self) -> float:
+        return self.stages[-1].lr
+
+    def barrier(self) -> None:
+        pass
+
+    def agree(self, value):
+        return value
+
+    def gather(self, value) -> list:
+        return [value]
+
+    def epoch_end(self) -> None:
+        for stage in self.stages:
+            stage.epoch_end()
+
+    def state_dict(self) -> dict:
+        return {"stages": [s.state_dict() for s in self.stages]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for stage, s in zip(self.stages, state["stages"], strict=True):
+            stage.load_state_dict(s)
+
+    def close(self) -> None:
+        pass
