@@ -1,6 +1,7 @@
 """lctrun installed (not a checkout): the packaged experiments and tables are found from any directory."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_an_installed_lctrun_finds_its_experiments_and_tables_from_another_directory(tmp_path):
-    site = tmp_path / "site"
+    source, site = tmp_path / "source", tmp_path / "site"
+    for name in ("lctrun", "pyproject.toml", "README.md"):  # a copy: building writes build/ beside the sources
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(
+            ROOT / name,
+            source / name,
+            **({"ignore": shutil.ignore_patterns("__pycache__")} if name == "lctrun" else {}),
+        )
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site)]
-    build = subprocess.run([*pip, str(ROOT)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    build = subprocess.run([*pip, str(source)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert build.returncode == 0, build.stderr
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -1,3 +1,0 @@
-from lctrun.cli import main
-
-main()

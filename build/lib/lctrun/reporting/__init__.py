@@ -1,1 +1,0 @@
-"""Run directories, metrics files, tables and plots."""
