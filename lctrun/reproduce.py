@@ -14,6 +14,7 @@ checkout links there):
     layer_serial             label of the model-parallel bp run on the same cut: speedup_vs_layer_serial and
                              g1_update_vs_bp (how much group 1 learns per epoch) are relative to it
     gap_to                   label of the run (bp) that "vs <label>" columns subtract, ours and the paper's
+    seeds: {scale: N}        this table's seeds at a scale, over the (shared) scale's own
     claims: - claim, check   the paper's qualitative claims, checked on our values and on the published ones
                              (see claims.py); a scale's `seeds: N` runs every run N times (mean ± std)
     runs: - label, overrides, rows (final | submodels | ensembles | progressive), published, notes
@@ -51,7 +52,7 @@ TABLES_DIR = Path(__file__).resolve().parent / "experiments" / "tables"  # packa
 SCALES = ("smoke", "small", "paper")
 ROW_KINDS = ("final", "submodels", "ensembles", "progressive")
 TABLE_KEYS = {"title", "source", "published_setting", "experiment", "scales", "scales_from", "columns", "reference"}
-TABLE_KEYS |= {"runs", "notes", "layer_serial", "claims", "gap_to"}
+TABLE_KEYS |= {"runs", "notes", "layer_serial", "claims", "gap_to", "seeds"}
 SCALE_KEYS = {"note", "overrides", "seeds"}
 RUN_KEYS = {"label", "overrides", "rows", "published", "notes", "scale_overrides"}
 
@@ -81,9 +82,10 @@ class Table:
     layer_serial: str | None = None
     claims: list[dict] = field(default_factory=list)
     gap_to: str | None = None
+    own_seeds: dict[str, int] = field(default_factory=dict)  # `seeds: {small: 1}`: this table's, over its scale's
 
     def seeds(self, scale: str) -> int:
-        return int(self.scales[scale].get("seeds", 1))
+        return int(self.own_seeds.get(scale, self.scales[scale].get("seeds", 1)))
 
     def config(self, run: TableRun, scale: str) -> Experiment:
         """The resolved config of one run at one scale (its errors name the table and the run)."""
@@ -153,6 +155,7 @@ def load_table(name: str) -> Table:
         data.get("layer_serial"),
         [check_claim_spec(c, labels, f"{path}: claims[{i}]") for i, c in enumerate(data.get("claims") or [])],
         data.get("gap_to"),
+        dict(data.get("seeds") or {}),
     )
 
 
