@@ -75,6 +75,10 @@ def test_a_table_file_with_a_bad_claim_or_seed_count_is_refused(tmp_path, monkey
     (tmp_path / "bad-seeds.yaml").write_text(base + f"scales: {scales}\n")
     with pytest.raises(ConfigError, match="scales.small.seeds must be an integer >= 1"):
         reproduce.load_table("bad-seeds")
+    scales["small"]["seeds"] = 3
+    (tmp_path / "own-seeds.yaml").write_text(base + f"scales: {scales}\nseeds: {{small: 1}}\n")
+    table = reproduce.load_table("own-seeds")
+    assert table.seeds("small") == 1 and table.seeds("smoke") == 1 and table.scales["small"]["seeds"] == 3
 
 
 def test_a_wide_table_is_shown_whole_in_80_columns_and_a_narrow_one_as_a_table():
