@@ -83,7 +83,8 @@ def resume_hint(run_dir: Path) -> str:
     epoch, partial = rundir.resumable_epoch(run_dir), rundir.has_partial_checkpoint(run_dir)
     if not epoch and not partial:
         return ""
-    kept = " and ".join([f"epochs 1-{epoch}"] * bool(epoch) + ["a mid-epoch checkpoint"] * partial)
+    epochs = "epoch 1" if epoch == 1 else f"epochs 1-{epoch}"
+    kept = " and ".join([epochs] * bool(epoch) + ["a mid-epoch checkpoint"] * partial)
     return f"; {run_dir} keeps {kept}; continue with: lctrun train --resume {run_dir}"
 
 

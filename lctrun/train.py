@@ -189,7 +189,14 @@ def train(
     start_epoch, state, resumed = checkpoints.resume_point(run_dir, runtime) if resume else (0, None, None)
     rows = []
     if state is not None:
-        runtime.load_state_dict(state["runtime"])
+        try:
+            runtime.load_state_dict(state["runtime"])
+        except (RuntimeError, KeyError, ValueError, IndexError, TypeError) as e:
+            problem = " ".join(str(e).split())[:150]
+            raise ConfigError(
+                f"--resume {run_dir}: its checkpoint does not fit the run's config.yaml ({problem}); "
+                "was config.yaml edited after the run started (model, split, method)? Restore it, or start a new run"
+            ) from None
         checkpoints.restore_rng(state["rng"])
         rows = [r for r in rundir.read_rows(metrics_path) if r["epoch"] <= start_epoch]
         if main:
@@ -198,7 +205,7 @@ def train(
                 where += f"{', ' if start_epoch else ''}at step {resumed['step']} of epoch {start_epoch + 1}"
             console.print(f"resuming {run_dir} {where}")
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.make_run_dir(run_dir)
         rundir.write_config(run_dir, cfg)
         rundir.write_json(run_dir / "env.json", rundir.environment(cfg, {"groups": p.block_names}))
     runtime.barrier()

@@ -336,8 +336,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_groups_fit(cfg: Experiment) -> None:
+    """model.groups larger than the model's blocks: said now, before K processes start and load the data."""
+    from lctrun.data import input_shape
+    from lctrun.models import build_model
+
+    shape = input_shape(cfg.data)
+    if cfg.model.split or cfg.model.groups <= 1 or shape is None:
+        return
+    blocks = len(build_model(cfg.model.name, cfg.data.num_classes, shape).block_names())
+    if cfg.model.groups > blocks:
+        raise ConfigError(
+            f"model.groups={cfg.model.groups} but {cfg.model.name} has only {blocks} blocks to cut between: "
+            f"use model.groups <= {blocks}"
+        )
+
+
 def spawn_workers(cfg: Experiment, job, where="", console: Console | None = None):
     """Start one local process per group, run `job` in each, return rank 0's result."""
+    check_groups_fit(cfg)
     world = cfg.workers or num_groups(cfg)
     return run_processes(WorkerBody(cfg, world, free_port(), job), world, "worker", where, console)
 

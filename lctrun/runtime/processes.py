@@ -62,7 +62,8 @@ def run_processes(body, count: int, what: str = "worker", where="", console=None
         except KeyboardInterrupt:
             ask_to_stop(procs)
             stop(procs)
-            raise LctrunError(f"interrupted: all {count} {what}s stopped{_text(where)}") from None
+            stopped = f"the {what} stopped" if count == 1 else f"all {count} {what}s stopped"
+            raise LctrunError(f"interrupted: {stopped}{_text(where)}") from None
         if failed is not None:
             exit_codes = [p.exitcode for p in procs]  # before the rest are stopped: who died by itself
             stop(procs)
@@ -73,7 +74,8 @@ def run_processes(body, count: int, what: str = "worker", where="", console=None
             if trace and os.environ.get("LCTRUN_DEBUG") and console is not None:
                 console.print(trace, markup=False)
             name = f"worker {rank} (group {rank + 1})" if what == "worker" else what
-            raise LctrunError(f"{name} failed: {message}; all {what}s stopped{_text(where)}")
+            stopped = "" if count == 1 else f"; all {what}s stopped"
+            raise LctrunError(f"{name} failed: {message}{stopped}{_text(where)}")
         return pickle.loads(Path(result_path).read_bytes())
 
 
