@@ -44,7 +44,7 @@ def save_partial(run_dir: Path, epoch: int, runtime, partial: dict) -> None:
 
 def load(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint is data, never code
     except Exception as e:  # a file damaged outside lctrun (its own writes are atomic)
         problem = " ".join(str(e).split())[:120]
         raise LctrunError(

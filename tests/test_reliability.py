@@ -365,3 +365,23 @@ def test_a_missing_worker_checkpoint_is_refused_not_a_silent_restart(tmp_path):
 
     with pytest.raises(LctrunError, match=r"cannot resume .*: worker\(s\) 1 hold no checkpoint of epoch 1 or 2"):
         resume_point(tmp_path, TwoWorkers())
+
+
+class Payload:
+    """Anything but tensors and plain containers: what a weights-only load refuses to build."""
+
+    def __reduce__(self):
+        return (print, ("a checkpoint ran code",))
+
+
+def test_checkpoints_load_as_data_only(tmp_path):
+    """Every method resumes through weights-only loads (the resume tests above); a checkpoint that would run
+    code when unpickled is refused in one line instead."""
+    from lctrun.checkpoints import load
+
+    path = tmp_path / "ckpt-e1.pt"
+    torch.save({"epoch": 1, "runtime": Payload()}, path)
+    with pytest.raises(LctrunError, match="cannot resume from .*ckpt-e1.pt: the checkpoint is unreadable"):
+        load(path)
+    torch.save({"epoch": 1, "runtime": {"w": torch.ones(2)}, "rng": {"python": (3, (1, 2), None)}}, path)
+    assert load(path)["runtime"]["w"].sum() == 2
