@@ -168,3 +168,15 @@ def test_parameter_counts_match_published(name, millions):
     model = build_model(name, NUM_CLASSES, (3, 32, 32))
     count = sum(p.numel() for p in model.parameters()) / 1e6
     assert abs(count - millions) / millions < 0.05, f"{name}: {count:.3f}M parameters, published {millions}M"
+
+
+def test_timing_the_blocks_for_a_cut_leaves_batchnorm_statistics_alone():
+    """balance=time runs each block in train mode; a serial run must still start from the model a
+    distributed worker builds (which never times): BN running statistics as initialised."""
+    model = build_model("cnn-small", 10, (1, 28, 28))
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = split_groups(model, [], 2, "time", torch.randn(16, 1, 28, 28) * 3 + 1)
+    after = model.state_dict()  # the groups hold the model's own blocks
+    assert len(groups) == 2 and any("running_mean" in k for k in fresh)
+    for k, v in fresh.items():
+        assert torch.equal(v, after[k]), k

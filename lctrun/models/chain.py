@@ -137,7 +137,11 @@ def block_time_costs(
     auxiliary module `aux_for(output_shape)` a method would attach after that block (0 if none)."""
     costs, end_costs, x = [], [], sample
     for _, block in blocks:
+        # timed in train mode (the cost that matters), but the BN running statistics it updates are put
+        # back: the cut must not change the model's starting state (the distributed path never times here)
+        buffers = {k: v.clone() for k, v in block.state_dict().items() if "running_" in k or "num_batches" in k}
         seconds, x = time_step(block, x)
+        block.load_state_dict(buffers, strict=False)
         costs.append(seconds)
         aux = aux_for(tuple(x.shape[1:])) if aux_for is not None else None
         end_costs.append(time_step(aux, x)[0] if aux is not None else 0.0)
