@@ -1,4 +1,4 @@
-"""Structural optimisation (METHODS.md section 2): every group k < K plus its critic is a complete smaller
+"""Structural optimisation (docs/methods.md section 9): every group k < K plus its critic is a complete smaller
 classifier, "sub-model k" (groups 1..k + critic k). Three uses are reported:
 
 (a) a sub-model as a cheaper network: accuracy, parameters and FLOPs of each sub-model and the main model;

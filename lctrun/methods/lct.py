@@ -1,4 +1,4 @@
-"""Local critic training (LCT) and its label-trained cousin DGL (METHODS.md sections 2 and 3).
+"""Local critic training (LCT) and its label-trained cousin DGL (docs/methods.md sections 3 and 4).
 
 Group k < K is trained with the gradient of its own critic's loss, mean(l_k), l_k = CE(c_k(h_k), y);
 its input arrives detached, so no gradient ever crosses a group boundary. The last group trains on

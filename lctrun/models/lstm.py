@@ -1,7 +1,7 @@
 """LSTM models as ChainModels: an input block, a Stage of single-layer LSTM blocks, and a head.
 
 Every block maps one tensor to one tensor, (B, T, D) -> (B, T, H), so the model can be cut between
-any two blocks (METHODS.md section 2, RNN case: lower group = embedding + LSTM layer, upper group =
+any two blocks (docs/methods.md section 3, RNN case: lower group = embedding + LSTM layer, upper group =
 LSTM layer + decoder). Each LSTM block starts from a zero hidden and cell state on every forward
 call: no state is carried across batches (truncated BPTT over a stream, as in the classic PTB
 recipe, would need the state to cross batch and group boundaries; here a batch is a set of
