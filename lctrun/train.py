@@ -81,7 +81,8 @@ def prepare(cfg: Experiment, check_devices: bool = True) -> Prepared:
                 data.train_x, data.train_y, min(cfg.data.batch_size, len(data.train_y)), shuffle=False
             )
             sample = next(iter(loader)).x
-        aux_for = lambda shape: method.aux_module(shape, cfg, data.num_classes)  # noqa: E731
+        n_aux = max(cfg.model.groups - 1, 1)
+        aux_for = lambda shape, j: method.aux_module(shape, cfg, data.num_classes, j, n_aux)  # noqa: E731
         groups = split_groups(model, cfg.model.split, cfg.model.groups, cfg.model.balance, sample, aux_for)
         shapes = group_shapes(groups, data.in_shape)
     except RuntimeError as e:

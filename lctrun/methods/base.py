@@ -232,6 +232,9 @@ class Method:
         """What epoch `epoch` (from 1) does; the same every epoch unless a method has phases."""
         return EpochPlan(augment=cfg.data.augment)
 
-    def aux_module(self, out_shape: tuple[int, ...], cfg: Experiment, num_classes: int) -> nn.Module | None:
-        """The module this method attaches after a group with this output shape (for balancing cuts)."""
+    def aux_module(
+        self, out_shape: tuple[int, ...], cfg: Experiment, num_classes: int, index: int = 0, count: int = 1
+    ) -> nn.Module | None:
+        """The module this method attaches after group `index` (of `count` that get one) with this output
+        shape: what a balanced cut prices, and what the stage builds."""
         return None
