@@ -240,7 +240,6 @@ def train(
                     )
                     seconds = time.perf_counter() - start + (partial["seconds"] if partial else 0.0)
                     lr = runtime.lr
-                    runtime.epoch_end()
                     evaluate = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
                     result = runtime.evaluate(test_loader) if evaluate else None
                     if main:

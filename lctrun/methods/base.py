@@ -153,9 +153,6 @@ class Stage:
         """A forward pass without learning, for methods that store per-sample state (plan.refresh)."""
         return self.group(x)
 
-    def epoch_end(self) -> None:
-        """Called once per epoch; learning-rate schedules advance per step, so nothing is due here."""
-
     @property
     def lr(self) -> float:
         return self.opt.param_groups[0]["lr"]

@@ -62,10 +62,6 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
-def register(name: str, spec: ModelSpec) -> None:
-    MODELS[name] = spec
-
-
 def _wrn_spec(name: str) -> ModelSpec | None:
     match = re.fullmatch(r"wrn-(\d+)-(\d+)", name)
     if not match or "wrn" not in _FAMILIES:

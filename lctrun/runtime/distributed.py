@@ -225,9 +225,6 @@ class DistributedRuntime:
     def lr(self) -> float:
         return self.stage.lr
 
-    def epoch_end(self) -> None:
-        self.stage.epoch_end()
-
     def barrier(self) -> None:
         dist.barrier()
 
