@@ -25,6 +25,7 @@ from lctrun.methods import EpochPlan, Method, build_stage, get_method, group_sha
 from lctrun.models import build_model, split_groups
 from lctrun.models.chain import Group
 from lctrun.reporting import rundir
+from lctrun.runtime.base import Runtime
 from lctrun.runtime.stop import EpochInterrupted, StopRequest
 
 
@@ -183,6 +184,8 @@ def train(
     console = console or Console()
     p = prepared or prepare(cfg)
     runtime = runtime or make_serial_runtime(p)
+    if not isinstance(runtime, Runtime):  # the contract the loop below relies on (runtime/base.py)
+        raise TypeError(f"{type(runtime).__name__} lacks members of the Runtime protocol")
     main = runtime.is_main
     run_dir = Path(runtime.agree(str(run_dir or rundir.default_run_dir(cfg))))
     metrics_path = run_dir / "metrics.csv"
