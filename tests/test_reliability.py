@@ -308,12 +308,15 @@ def test_same_seed_same_metrics(tmp_path, method):
 def test_stopping_the_launcher_leaves_no_orphan_workers(tmp_path, sig):
     """SIGTERM: the launcher stops its workers and says how to resume; SIGKILL: the workers notice and exit."""
     args = [*TINY, "model.name=cnn-small", "model.split=[conv2]", "epochs=500", "runtime=distributed"]
+    scratch = tmp_path / "tmp"  # the launcher's temporary folder goes here, to see that none is left
+    scratch.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lctrun", "train", "experiments/mnist-cnn.yaml", *args, "--out", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )
     deadline = time.time() + 90
     while len(read_rows(tmp_path / "metrics.csv")) < 2 and time.time() < deadline:
@@ -326,6 +329,7 @@ def test_stopping_the_launcher_leaves_no_orphan_workers(tmp_path, sig):
         assert "interrupted: all 2 workers stopped;" in err and f"--resume {tmp_path}" in " ".join(err.split())
     assert workers and still_alive(workers) == [], "orphan worker processes"
     assert read_rows(tmp_path / "metrics.csv")  # what was written stays
+    assert list(scratch.iterdir()) == [] and "leaked semaphore" not in err, err  # nothing left behind
 
 
 def test_the_worker_that_died_first_is_named():
