@@ -168,18 +168,29 @@ def block_time_costs(
     return costs, aux_costs(outputs, aux_for, n_aux, time_step)
 
 
+def forward_flops(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """FLOPs of one forward pass of `module` on `x` (no grad), by FlopCounterMode, and its output.
+
+    FlopCounterMode counts the matrix products (linear, conv, bmm, attention): a multiply-add is 2 FLOPs,
+    so nn.Linear(a, b) costs 2ab and a conv 2*Cin*Cout*k*k*Hout*Wout; biases, BN, activations and pooling
+    are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        y = module(x)
+    return int(counter.get_total_flops()), y
+
+
 def block_flop_costs(
     blocks: list[tuple[str, nn.Module]], sample: torch.Tensor, aux_for: Callable | None = None, n_aux: int = 1
 ) -> tuple[list[float], list[list[float]]]:
     """Forward FLOPs of each block on `sample`, and of the auxiliary modules attached after it.
 
     Deterministic, unlike timings; on CPU the time of conv nets follows their FLOPs closely."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     def flops(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            y = module(x)
-        return float(counter.get_total_flops()) + 1.0, y
+        count, y = forward_flops(module, x)
+        return count + 1.0, y  # never 0: a cut must still weigh an empty block
 
     costs, outputs, x = [], [], sample
     modes = [m.training for _, m in blocks]
