@@ -1,7 +1,7 @@
 """Models as ordered chains of named blocks, and how to cut them into layer groups.
 
 A `ChainModel` is an nn.Sequential whose children are either single blocks (`stem`, `head`) or
-`Stage`s, sequences of blocks named `<stage>.<i>` (`layer3.8`). The flattened block list is what
+`BlockSequence`s, sequences of blocks named `<stage>.<i>` (`layer3.8`). The flattened block list is what
 a split refers to: `split: [layer2, layer3.8]` cuts after the last block of `layer2` and after
 block 8 of `layer3`, giving three groups.
 """
@@ -18,7 +18,7 @@ from torch import nn
 from lctrun.errors import ConfigError
 
 
-class Stage(nn.Sequential):
+class BlockSequence(nn.Sequential):
     """A run of blocks inside a ChainModel whose blocks can be cut between (e.g. a ResNet layer)."""
 
 
@@ -31,7 +31,7 @@ class ChainModel(nn.Sequential):
     def named_blocks(self) -> list[tuple[str, nn.Module]]:
         blocks = []
         for name, child in self.named_children():
-            if isinstance(child, Stage):
+            if isinstance(child, BlockSequence):
                 blocks += [(f"{name}.{i}", block) for i, block in enumerate(child)]
             else:
                 blocks.append((name, child))
