@@ -15,7 +15,8 @@ from lctrun.errors import LctrunError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train deep networks without backprop locking.")
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
-EXPERIMENTS = Path("experiments")
+# experiment files: the working directory's experiments/ first (your own), then the ones installed with lctrun
+EXPERIMENT_DIRS = (Path("experiments"), Path(__file__).resolve().parent / "experiments")
 
 
 def _version(value: bool) -> None:
@@ -36,18 +37,28 @@ def find_experiment(name: str) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    for candidate in (EXPERIMENTS / name, EXPERIMENTS / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
+    for folder in EXPERIMENT_DIRS:
+        for candidate in (folder / name, folder / f"{name}.yaml"):
+            if candidate.is_file():
+                return candidate
     from lctrun.errors import ConfigError
 
-    known = ", ".join(p.stem for p in sorted(EXPERIMENTS.glob("*.yaml"))) or "none found in ./experiments"
+    known = ", ".join(sorted(experiment_files())) or "none found"
     raise ConfigError(f"experiment file not found: {name} (known experiments: {known})")
+
+
+def experiment_files() -> dict[str, Path]:
+    """name -> file, over EXPERIMENT_DIRS (the working directory's own shadow the installed ones)."""
+    found: dict[str, Path] = {}
+    for folder in EXPERIMENT_DIRS:
+        for path in sorted(folder.glob("*.yaml")):
+            found.setdefault(path.stem, path)
+    return found
 
 
 @app.command()
 def train(
-    experiment: str = typer.Argument(None, help="Experiment YAML (path, or name under experiments/)."),
+    experiment: str = typer.Argument(None, help="Experiment YAML (path, or a name: see `lctrun list`)."),
     overrides: list[str] = typer.Argument(None, help="Dotted KEY=VALUE overrides, e.g. optim.lr=0.05 epochs=2."),
     out: Path = typer.Option(None, "--out", help="Run directory (default results/runs/<time>-<name>-<method>)."),
     resume: Path = typer.Option(
@@ -97,7 +108,7 @@ def train(
 
 @app.command()
 def compare(
-    experiment: str = typer.Argument(..., help="Experiment YAML (path, or name under experiments/)."),
+    experiment: str = typer.Argument(..., help="Experiment YAML (path, or a name: see `lctrun list`)."),
     overrides: list[str] = typer.Argument(None, help="Dotted KEY=VALUE overrides, applied to every run."),
     methods: str = typer.Option("bp,lct,dgl", "--methods", help="Comma-separated methods, e.g. bp,lct,dgl."),
     seeds: int = typer.Option(1, "--seeds", help="Runs per method, with seeds seed, seed+1, ..."),
@@ -198,7 +209,7 @@ def list_things() -> None:
 
     _load_all()
     console.print("[bold]experiments[/] (experiments/*.yaml)")
-    for path in sorted(EXPERIMENTS.glob("*.yaml")):
+    for path in experiment_files().values():
         try:
             cfg = load_experiment(path)
             what = f"{cfg.method} on {cfg.data.name}, {cfg.model.name}, {cfg.epochs} epochs"

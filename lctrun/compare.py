@@ -38,6 +38,7 @@ from lctrun.reporting.tables import fmt, rich_table, to_markdown
 FULL_SIZES = {
     "mnist": (60_000, 10_000),
     "fashion-mnist": (60_000, 10_000),
+    "seqmnist": (60_000, 10_000),
     "cifar10": (50_000, 10_000),
     "cifar100": (50_000, 10_000),
     "shapes": (10_000, 2_000),

@@ -1,6 +1,7 @@
 """`lctrun reproduce TABLE --scale smoke|small|paper`: a published table re-run here, ours beside theirs.
 
-A table is data, `experiments/tables/<name>.yaml`:
+A table is data, `lctrun/experiments/tables/<name>.yaml` (installed with the package; `experiments/` in a
+checkout links there):
 
     title, source            what the table is and where its published values come from
     published_setting        the setting of those values (dataset, model, schedule)
@@ -46,7 +47,7 @@ from lctrun.reporting.claims import check_claim_spec, evaluate_claims
 from lctrun.reporting.plots import Curve, bar_plot, line_plot
 from lctrun.reporting.tables import rich_table, with_spread, write_table
 
-TABLES_DIR = Path(__file__).resolve().parents[1] / "experiments" / "tables"
+TABLES_DIR = Path(__file__).resolve().parent / "experiments" / "tables"  # package data: works installed too
 SCALES = ("smoke", "small", "paper")
 ROW_KINDS = ("final", "submodels", "ensembles", "progressive")
 TABLE_KEYS = {"title", "source", "published_setting", "experiment", "scales", "scales_from", "columns", "reference"}
