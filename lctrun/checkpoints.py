@@ -44,7 +44,7 @@ def save_partial(run_dir: Path, epoch: int, runtime, partial: dict) -> None:
 
 def load(path: Path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint is data, never code
     except Exception as e:  # a file damaged outside lctrun (its own writes are atomic)
         problem = " ".join(str(e).split())[:120]
         raise LctrunError(
@@ -83,7 +83,8 @@ def resume_hint(run_dir: Path) -> str:
     epoch, partial = rundir.resumable_epoch(run_dir), rundir.has_partial_checkpoint(run_dir)
     if not epoch and not partial:
         return ""
-    kept = " and ".join([f"epochs 1-{epoch}"] * bool(epoch) + ["a mid-epoch checkpoint"] * partial)
+    epochs = "epoch 1" if epoch == 1 else f"epochs 1-{epoch}"
+    kept = " and ".join([epochs] * bool(epoch) + ["a mid-epoch checkpoint"] * partial)
     return f"; {run_dir} keeps {kept}; continue with: lctrun train --resume {run_dir}"
 
 

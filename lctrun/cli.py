@@ -65,14 +65,12 @@ def train(
         None, "--resume", help="Continue the run in this directory from its last checkpoint (its own config)."
     ),
 ) -> None:
-    """Train one experiment, or continue one: lctrun train --resume RUN_DIR [epochs=N]."""
-    import pandas as pd
-
-    from lctrun.config import ConfigError, load_experiment
-    from lctrun.launch import check_new_run_dir, resumed_config, run_training
-    from lctrun.reporting.tables import rich_table, run_summary
+    """Train one experiment, or continue one: lctrun train --resume RUN_DIR \\[epochs=N]."""
+    from lctrun.config import ConfigError, load_experiment  # config errors before torch is imported (seconds)
 
     if resume is not None:
+        from lctrun.launch import resumed_config
+
         if out is not None:
             raise ConfigError("give --resume RUN_DIR or --out RUN_DIR, not both (a resumed run stays where it is)")
         if experiment is not None and "=" in experiment:  # `train --resume RUN epochs=5`: only overrides
@@ -86,14 +84,19 @@ def train(
         raise ConfigError("give an experiment (see `lctrun list`), or --resume RUN_DIR to continue a run")
     else:
         cfg = load_experiment(find_experiment(experiment), overrides or [])
-        if out is not None:
-            check_new_run_dir(out)
     ignored = [o.split("=")[0] for o in overrides or [] if o.startswith("layerpar.")]
     if ignored and cfg.method not in ("penalty", "al"):
         raise ConfigError(
             f"{', '.join(ignored)} only apply to method=penalty or method=al (this run is method={cfg.method}): "
             f"drop them or set method=penalty|al"
         )
+    import pandas as pd
+
+    from lctrun.launch import check_new_run_dir, run_training
+    from lctrun.reporting.tables import rich_table, run_summary
+
+    if out is not None:
+        check_new_run_dir(out)
     result = run_training(cfg, run_dir=resume or out, resume=resume is not None, console=console)
     if result is not None and result.rows:
         console.print(run_summary(result.rows, result.run_dir))

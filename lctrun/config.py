@@ -51,7 +51,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    schedule: str = "none"  # none | multistep | cosine (stepped once per epoch)
+    schedule: str = "none"  # none | multistep | cosine (advanced every optimiser step; milestones in epochs)
     milestones: list[int] = field(default_factory=list)  # epochs, for multistep
     gamma: float = 0.1
 
@@ -74,14 +74,14 @@ class CriticConfig:
 
 @dataclass
 class LayerParallelConfig:
-    """Penalty / augmented-Lagrangian layer-parallel training (METHODS.md section 4, lctrun/methods/layerpar.py)."""
+    """Penalty / augmented-Lagrangian layer-parallel training (docs/methods.md section 6, methods/layerpar.py)."""
 
     beta: float = 0.01  # initial penalty weight
     beta_growth: float = 2.0  # beta *= growth after every parallel epoch (the outer iteration)
     beta_max: float = 1000.0
     lambda_lr: float = 100.0  # eta, step size of the proximal auxiliary-variable update
     fit_step: float = 0.1  # a regression step of group k < K is at most this times the Polyak step (layerpar.py)
-    precision: str = "fp32"  # fp32 | bf16 | fp16: storage of lambda, mu and the targets
+    precision: str = "fp32"  # fp32 | bf16 | fp16: storage of lambda, mu and the stored phi (arithmetic in fp32)
     downsample: int = 1  # 1 | 2 | 4: spatial factor of what crosses / is stored at a boundary
     filter: str = "avg"  # avg (average pool down, nearest up) | bilinear (antialiased down, bilinear up)
     sph: bool = False  # serial-parallel hybrid: alternate parallel and serial (backprop) phases

@@ -13,6 +13,10 @@ class DataNotFoundError(LctrunError):
     pass
 
 
+class WriteError(LctrunError):
+    """An output that cannot be written: a full disk, a read-only or missing directory, a file in the way."""
+
+
 def quoted(text) -> str:
     """User text inside a one-line message: as typed when printable, else escaped (no raw newlines)."""
     text = str(text)

@@ -25,6 +25,10 @@ def run_training(
     """`isolated`: run a serial run in a fresh process, so that its peak memory is its own."""
     if resume and run_dir is not None:
         check_same_config(cfg, Path(run_dir))
+    if run_dir is not None:
+        from lctrun.reporting.rundir import check_run_dir_writable
+
+        check_run_dir_writable(Path(run_dir))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.runtime == "serial" and "RANK" in os.environ and world > 1:
         raise ConfigError(

@@ -182,10 +182,6 @@ def cache_key(cfg: Experiment, code: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
-
-
 def run_cached(cfg: Experiment, label: str, cache: Path, code: str, console: Console) -> tuple[Path, bool]:
     """(run directory, whether it was reused). Unfinished directories resume from their checkpoint."""
     from lctrun.launch import run_training

@@ -1,4 +1,4 @@
-"""Structural optimisation (METHODS.md section 2): every group k < K plus its critic is a complete smaller
+"""Structural optimisation (docs/methods.md section 9): every group k < K plus its critic is a complete smaller
 classifier, "sub-model k" (groups 1..k + critic k). Three uses are reported:
 
 (a) a sub-model as a cheaper network: accuracy, parameters and FLOPs of each sub-model and the main model;
@@ -21,11 +21,11 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from lctrun.config import Experiment
 from lctrun.data import DataBundle, TensorLoader, train_loader
-from lctrun.methods.critics import critic_depth, make_classifier
+from lctrun.methods.lct import make_critic
+from lctrun.models.chain import forward_flops
 from lctrun.runtime.base import EvalOutput
 
 __all__ = [
@@ -53,22 +53,13 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 def count_flops(module: nn.Module, in_shape: tuple[int, ...]) -> int:
-    """FLOPs per sample of one forward pass (batch of 1, eval mode, no grad), by FlopCounterMode.
-
-    FlopCounterMode counts the matrix products (linear, conv, bmm, attention): a multiply-add is 2 FLOPs,
-    so nn.Linear(a, b) costs 2ab and a conv 2*Cin*Cout*k*k*Hout*Wout; biases, BN, activations and pooling
-    are not counted.
-    """
+    """FLOPs per sample of one forward pass (batch of 1, eval mode, no grad): models.chain.forward_flops."""
     mode = module.training
     module.eval()
     try:
-        x = torch.zeros(1, *in_shape, device=_device_of(module))
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            module(x)
+        return forward_flops(module, torch.zeros(1, *in_shape, device=_device_of(module)))[0]
     finally:
         module.train(mode)
-    return int(counter.get_total_flops())
 
 
 def count_params(module: nn.Module | None) -> int:
@@ -141,8 +132,8 @@ def fresh_costs(p, with_critics: bool | None = None) -> list[dict]:
 
 
 def _make_head(cfg: Experiment, shape: tuple[int, ...], num_classes: int, k: int, K: int) -> nn.Module:
-    """The LCT critic's architecture (lct.attach_classifier) for the cut after group k (from 0)."""
-    return make_classifier(shape, num_classes, critic_depth(cfg.critic, k, K - 1), cfg.critic.channels)
+    """The LCT critic's architecture for the cut after group k (from 0)."""
+    return make_critic(shape, cfg, num_classes, k, K - 1)
 
 
 # -- tables from (EvalOutput, costs) ------------------------------------------------------------------

@@ -25,6 +25,7 @@ from lctrun.methods import EpochPlan, Method, build_stage, get_method, group_sha
 from lctrun.models import build_model, split_groups
 from lctrun.models.chain import Group
 from lctrun.reporting import rundir
+from lctrun.runtime.base import Runtime
 from lctrun.runtime.stop import EpochInterrupted, StopRequest
 
 
@@ -81,7 +82,8 @@ def prepare(cfg: Experiment, check_devices: bool = True) -> Prepared:
                 data.train_x, data.train_y, min(cfg.data.batch_size, len(data.train_y)), shuffle=False
             )
             sample = next(iter(loader)).x
-        aux_for = lambda shape: method.aux_module(shape, cfg, data.num_classes)  # noqa: E731
+        n_aux = max(cfg.model.groups - 1, 1)
+        aux_for = lambda shape, j: method.aux_module(shape, cfg, data.num_classes, j, n_aux)  # noqa: E731
         groups = split_groups(model, cfg.model.split, cfg.model.groups, cfg.model.balance, sample, aux_for)
         shapes = group_shapes(groups, data.in_shape)
     except RuntimeError as e:
@@ -182,6 +184,8 @@ def train(
     console = console or Console()
     p = prepared or prepare(cfg)
     runtime = runtime or make_serial_runtime(p)
+    if not isinstance(runtime, Runtime):  # the contract the loop below relies on (runtime/base.py)
+        raise TypeError(f"{type(runtime).__name__} lacks members of the Runtime protocol")
     main = runtime.is_main
     run_dir = Path(runtime.agree(str(run_dir or rundir.default_run_dir(cfg))))
     metrics_path = run_dir / "metrics.csv"
@@ -189,7 +193,14 @@ def train(
     start_epoch, state, resumed = checkpoints.resume_point(run_dir, runtime) if resume else (0, None, None)
     rows = []
     if state is not None:
-        runtime.load_state_dict(state["runtime"])
+        try:
+            runtime.load_state_dict(state["runtime"])
+        except (RuntimeError, KeyError, ValueError, IndexError, TypeError) as e:
+            problem = " ".join(str(e).split())[:150]
+            raise ConfigError(
+                f"--resume {run_dir}: its checkpoint does not fit the run's config.yaml ({problem}); "
+                "was config.yaml edited after the run started (model, split, method)? Restore it, or start a new run"
+            ) from None
         checkpoints.restore_rng(state["rng"])
         rows = [r for r in rundir.read_rows(metrics_path) if r["epoch"] <= start_epoch]
         if main:
@@ -198,7 +209,7 @@ def train(
                 where += f"{', ' if start_epoch else ''}at step {resumed['step']} of epoch {start_epoch + 1}"
             console.print(f"resuming {run_dir} {where}")
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.make_run_dir(run_dir)
         rundir.write_config(run_dir, cfg)
         rundir.write_json(run_dir / "env.json", rundir.environment(cfg, {"groups": p.block_names}))
     runtime.barrier()
@@ -232,7 +243,6 @@ def train(
                     )
                     seconds = time.perf_counter() - start + (partial["seconds"] if partial else 0.0)
                     lr = runtime.lr
-                    runtime.epoch_end()
                     evaluate = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
                     result = runtime.evaluate(test_loader) if evaluate else None
                     if main:

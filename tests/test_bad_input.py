@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -131,3 +132,90 @@ def test_train_fails_cleanly_and_leaves_no_run_directory(tmp_path_factory, overr
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), f"{overrides!r}: exit {code}: {err}"
     assert not out.exists(), f"{overrides!r} failed ({err.strip()}) but left {sorted(p.name for p in out.iterdir())}"
+
+
+def one_line_error(args: list[str], out: Path, env: dict | None = None) -> str:
+    """Run `lctrun ARGS --out OUT` in process; it must exit 2 with one line on stderr and leave no run dir."""
+    old = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        code, err = run_cli([*args, "--out", str(out)])
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), f"exit {code}: {err}"
+    assert not (out.exists() and out.is_dir() and any(out.iterdir())), f"left {out}"
+    return lines[0]
+
+
+def damaged_copy(tmp_path: Path, damage) -> Path:
+    """A data root whose MNIST files are links to the real ones, except the test images, damaged by `damage`."""
+    real = Path(os.environ.get("LCTRUN_DATA", "../shared/data")) / "MNIST" / "raw"
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in real.iterdir():
+        if not f.name.endswith(".gz"):
+            (raw / f.name).symlink_to(f.resolve())
+    target = raw / "t10k-images-idx3-ubyte"
+    data = target.read_bytes()
+    target.unlink()
+    target.write_bytes(damage(data))
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda b: b[: len(b) // 2], lambda b: b"", lambda b: b"\x00\x00\x09\x09" + b[4:]],
+    ids=["truncated", "empty", "bad-magic"],
+)
+def test_a_damaged_dataset_is_one_line_naming_its_folder(tmp_path, damage):
+    root = damaged_copy(tmp_path, damage)
+    args = ["train", str(EXPERIMENT), *TINY, "data.name=mnist", "epochs=1"]
+    line = one_line_error(args, tmp_path / "run", {"LCTRUN_DATA": str(root)})
+    assert f"under {root / 'MNIST' / 'raw'} is damaged or incomplete" in line
+
+
+def test_a_download_without_network_is_one_line(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    args = ["train", str(EXPERIMENT), *TINY, "data.name=cifar10", "data.download=true", "epochs=1"]
+    line = one_line_error(args, tmp_path / "run", {"LCTRUN_DATA": str(tmp_path / "empty")})
+    assert "data.download=true could not fetch it" in line and "without internet, copy its files" in line
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file", "/proc", "/sys"])
+def test_an_output_path_that_cannot_hold_a_run_is_one_line(tmp_path, where):
+    (tmp_path / "afile").write_text("x")
+    out = {"file": tmp_path / "afile", "under-a-file": tmp_path / "afile" / "run"}.get(where, Path(f"{where}/lctrun-x"))
+    line = one_line_error(["train", str(EXPERIMENT), *TINY, "epochs=1"], out)
+    assert f"--out {out}" in line
+    assert (tmp_path / "afile").read_text() == "x"  # nothing overwritten
+
+
+def test_more_groups_than_blocks_is_refused_before_workers_start(tmp_path):
+    import time
+
+    start = time.time()
+    line = one_line_error(["train", str(EXPERIMENT), *TINY, "model.groups=20", "runtime=distributed"], tmp_path / "r")
+    assert "model.groups=20 but cnn-small has only 5 blocks" in line and time.time() - start < 20
+
+
+@pytest.mark.parametrize("edit", [("- conv2", "- conv1"), ("method: lct", "method: dgl")], ids=["split", "method"])
+def test_resuming_after_config_yaml_was_edited_is_one_line(tmp_path, edit):
+    out = tmp_path / "run"
+    code, _ = run_cli(
+        ["train", str(EXPERIMENT), *TINY, "epochs=1", "method=lct", "model.split=[conv2]", "--out", str(out)]
+    )
+    assert code == 0
+    config = out / "config.yaml"
+    config.write_text(config.read_text().replace(*edit))
+    code, err = run_cli(["train", "--resume", str(out), "epochs=2"])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "was config.yaml edited after the run started" in lines[0], err

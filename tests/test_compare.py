@@ -147,7 +147,7 @@ def test_an_interrupted_comparison_reuses_finished_runs_and_says_how_to_continue
     def counted(cfg, run_dir=None, **kwargs):
         trained.append((Path(run_dir).name, kwargs.get("resume")))
         if len(trained) == stop["at"]:
-            raise LctrunError(f"interrupted: all 1 runs stopped; continue with: lctrun train --resume {run_dir}")
+            raise LctrunError(f"interrupted: the run stopped; continue with: lctrun train --resume {run_dir}")
         return real(cfg, run_dir=run_dir, **kwargs)
 
     monkeypatch.setattr(lctrun.launch, "run_training", counted)

@@ -118,3 +118,17 @@ def test_dni_synthesizer_regresses_onto_the_true_gradient():
     assert synth(h1.detach()).abs().max() == 0  # so group 1, which backpropagates s(h_1)/B, stays where it was
     assert all(torch.equal(a, b) for a, b in zip(runtime.stages[0].group.parameters(), g1.parameters(), strict=True))
     assert_moved_by(runtime.stages[1].group, g2, F.cross_entropy(g2(h1.detach()), y), LR)
+
+
+def test_the_runtimes_declare_the_contract_the_loop_uses():
+    """train.py checks isinstance(runtime, Runtime) at its start (so every distributed test checks that
+    runtime); here the serial one, and a runtime missing a member is refused."""
+    from lctrun.runtime.base import Runtime
+
+    p = prepare(load_experiment(None, TINY + ["method=lct", "model.split=[conv2]"]))
+    runtime = make_serial_runtime(p)
+    assert isinstance(runtime, Runtime)
+    members = {k: v for k, v in vars(type(runtime)).items() if not k.startswith("__") and k != "gather"}
+    incomplete = type("Incomplete", (), members)()
+    incomplete.worker_stats = []
+    assert not isinstance(incomplete, Runtime)

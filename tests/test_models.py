@@ -160,6 +160,38 @@ def test_balanced_cuts_optimal_vs_brute_force():
         assert _max_group_cost(costs, cuts) == best, (costs, k, cuts)
 
 
+def test_balanced_cuts_price_each_groups_own_critic():
+    """end[j][i]: group j+1's critic after block i; critics of different depths (critic.convs=[5,4,3]) weigh
+    differently, and the cut is optimal for that, not for group 1's critic everywhere."""
+    rng = random.Random(1)
+    for _ in range(40):
+        n, k = rng.randint(3, 7), rng.randint(2, 3)
+        costs = [rng.randint(1, 20) for _ in range(n)]
+        end = [[rng.randint(0, 30) for _ in range(n)] for _ in range(k - 1)]
+
+        def cost(cuts, costs=costs, end=end, n=n, k=k):
+            bounds = [-1, *cuts, n - 1]
+            return max(
+                sum(costs[a + 1 : b + 1]) + (end[g][b] if g < k - 1 else 0)
+                for g, (a, b) in enumerate(itertools.pairwise(bounds))
+            )
+
+        best = min(cost(list(c)) for c in itertools.combinations(range(n - 1), k - 1))
+        assert cost(balanced_cuts(costs, k, end)) == best, (costs, end, k)
+
+
+def test_a_balanced_cut_prices_every_critic_at_its_own_depth():
+    from lctrun.config import load_experiment
+    from lctrun.methods import get_method
+    from lctrun.models.chain import block_flop_costs
+
+    cfg = load_experiment(None, ["method=lct", "model.groups=3", "critic.convs=[3,1]", "critic.channels=8"])
+    method, model = get_method("lct"), build_model("cnn-small", 10, (1, 28, 28))
+    aux_for = lambda shape, j: method.aux_module(shape, cfg, 10, j, 2)  # noqa: E731
+    _, end = block_flop_costs(model.named_blocks()[:3], torch.randn(4, 1, 28, 28), aux_for, 2)
+    assert len(end) == 2 and all(deep > shallow for deep, shallow in zip(end[0], end[1], strict=True))
+
+
 @pytest.mark.parametrize(
     "name, millions", [("resnet20", 0.27), ("resnet56", 0.85), ("resnet110", 1.7), ("wrn-28-10", 36.5)]
 )
@@ -168,3 +200,15 @@ def test_parameter_counts_match_published(name, millions):
     model = build_model(name, NUM_CLASSES, (3, 32, 32))
     count = sum(p.numel() for p in model.parameters()) / 1e6
     assert abs(count - millions) / millions < 0.05, f"{name}: {count:.3f}M parameters, published {millions}M"
+
+
+def test_timing_the_blocks_for_a_cut_leaves_batchnorm_statistics_alone():
+    """balance=time runs each block in train mode; a serial run must still start from the model a
+    distributed worker builds (which never times): BN running statistics as initialised."""
+    model = build_model("cnn-small", 10, (1, 28, 28))
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = split_groups(model, [], 2, "time", torch.randn(16, 1, 28, 28) * 3 + 1)
+    after = model.state_dict()  # the groups hold the model's own blocks
+    assert len(groups) == 2 and any("running_mean" in k for k in fresh)
+    for k, v in fresh.items():
+        assert torch.equal(v, after[k]), k

@@ -66,7 +66,7 @@ def test_interrupt_then_resume_gives_the_run_that_never_stopped(tmp_path, monkey
     cfg = load_experiment(None, TINY + [f"method={method}"] + METHODS[method])
     whole = run_training(cfg, run_dir=tmp_path / "whole")
     monkeypatch.setenv("LCTRUN_INJECT_FAULT", f"0:{STEPS + 3}:interrupt")  # in step 3 of epoch 2
-    words = r"interrupted after step 3/4 of epoch 2 \(saved\); .* keeps epochs 1-1 and a mid-epoch checkpoint; continue"
+    words = r"interrupted after step 3/4 of epoch 2 \(saved\); .* keeps epoch 1 and a mid-epoch checkpoint; continue"
     with pytest.raises(LctrunError, match=words):
         run_training(cfg, run_dir=tmp_path / "part")
     assert [r["epoch"] for r in read_rows(tmp_path / "part" / "metrics.csv")] == [1]
@@ -128,7 +128,7 @@ def test_a_failed_checkpoint_write_keeps_the_last_good_one_and_no_row_twice(tmp_
         fsync(fd)
 
     monkeypatch.setattr(rundir.os, "fsync", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(LctrunError, match=r"cannot write .*ckpt-e2.pt \(No space left on device\)"):
         run_training(cfg, run_dir=tmp_path / "part")
     monkeypatch.setattr(rundir.os, "fsync", fsync)
     part = tmp_path / "part"
@@ -138,6 +138,35 @@ def test_a_failed_checkpoint_write_keeps_the_last_good_one_and_no_row_twice(tmp_
     resumed = run_training(cfg, run_dir=part, resume=True)
     same_rows(whole.rows, resumed.rows)
     same_rows(whole.rows, read_rows(part / "metrics.csv"))
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 200 KiB tmpfs (root only: skipped where mounting is not allowed)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["serial", "distributed"])
+def test_a_full_disk_is_one_line_naming_the_file_and_keeps_what_was_written(tiny_disk, runtime):
+    """On a 200 KiB disk the first checkpoint does not fit: exit 2, one line naming the file, no temporary
+    file left, config and the finished epoch's metrics kept."""
+    from test_bad_input import run_cli
+
+    out = tiny_disk / "run"
+    args = [*TINY, *METHODS["lct"], "method=lct", "model.name=cnn-small", f"runtime={runtime}", "--out", str(out)]
+    code, err = run_cli(["train", str(ROOT / "experiments" / "mnist-cnn.yaml"), *args])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"cannot write {out}/ckpt-e1" in lines[0], err
+    assert "No space left on device" in lines[0] and f"lctrun train --resume {out}" in lines[0]
+    assert not [f.name for f in out.iterdir() if ".tmp" in f.name]
+    assert {"config.yaml", "metrics.csv"} <= {f.name for f in out.iterdir()}
+    assert [r["epoch"] for r in read_rows(out / "metrics.csv")] == [1]
 
 
 def test_sigterm_from_the_cli_keeps_every_row_once_and_resumes(tmp_path):
@@ -203,7 +232,7 @@ def test_a_killed_distributed_run_resumes_to_the_same_result(tmp_path, monkeypat
     whole = run_training(cfg, run_dir=tmp_path / "whole")
     monkeypatch.setenv("LCTRUN_INJECT_FAULT", f"1:{STEPS + 2}:kill")
     start = time.time()
-    with pytest.raises(LctrunError, match=r"worker 1 \(group 2\) failed: died \(signal 9\).* keeps epochs 1-1; contin"):
+    with pytest.raises(LctrunError, match=r"worker 1 \(group 2\) failed: died \(signal 9\).* keeps epoch 1; contin"):
         run_training(cfg, run_dir=tmp_path / "part")
     assert time.time() - start < 60
     assert sorted(f.name for f in (tmp_path / "part").glob("ckpt-*")) == ["ckpt-e1.rank0.pt", "ckpt-e1.rank1.pt"]
@@ -279,12 +308,15 @@ def test_same_seed_same_metrics(tmp_path, method):
 def test_stopping_the_launcher_leaves_no_orphan_workers(tmp_path, sig):
     """SIGTERM: the launcher stops its workers and says how to resume; SIGKILL: the workers notice and exit."""
     args = [*TINY, "model.name=cnn-small", "model.split=[conv2]", "epochs=500", "runtime=distributed"]
+    scratch = tmp_path / "tmp"  # the launcher's temporary folder goes here, to see that none is left
+    scratch.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lctrun", "train", "experiments/mnist-cnn.yaml", *args, "--out", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(scratch)},
     )
     deadline = time.time() + 90
     while len(read_rows(tmp_path / "metrics.csv")) < 2 and time.time() < deadline:
@@ -297,6 +329,7 @@ def test_stopping_the_launcher_leaves_no_orphan_workers(tmp_path, sig):
         assert "interrupted: all 2 workers stopped;" in err and f"--resume {tmp_path}" in " ".join(err.split())
     assert workers and still_alive(workers) == [], "orphan worker processes"
     assert read_rows(tmp_path / "metrics.csv")  # what was written stays
+    assert list(scratch.iterdir()) == [] and "leaked semaphore" not in err, err  # nothing left behind
 
 
 def test_the_worker_that_died_first_is_named():
@@ -336,3 +369,23 @@ def test_a_missing_worker_checkpoint_is_refused_not_a_silent_restart(tmp_path):
 
     with pytest.raises(LctrunError, match=r"cannot resume .*: worker\(s\) 1 hold no checkpoint of epoch 1 or 2"):
         resume_point(tmp_path, TwoWorkers())
+
+
+class Payload:
+    """Anything but tensors and plain containers: what a weights-only load refuses to build."""
+
+    def __reduce__(self):
+        return (print, ("a checkpoint ran code",))
+
+
+def test_checkpoints_load_as_data_only(tmp_path):
+    """Every method resumes through weights-only loads (the resume tests above); a checkpoint that would run
+    code when unpickled is refused in one line instead."""
+    from lctrun.checkpoints import load
+
+    path = tmp_path / "ckpt-e1.pt"
+    torch.save({"epoch": 1, "runtime": Payload()}, path)
+    with pytest.raises(LctrunError, match="cannot resume from .*ckpt-e1.pt: the checkpoint is unreadable"):
+        load(path)
+    torch.save({"epoch": 1, "runtime": {"w": torch.ones(2)}, "rng": {"python": (3, (1, 2), None)}}, path)
+    assert load(path)["runtime"]["w"].sum() == 2

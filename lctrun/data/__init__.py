@@ -21,6 +21,13 @@ DATASETS = {
     "seqmnist": "MNIST read row by row (28 steps of 28 features) by the lstm-seq model; same files as mnist",
     "ptb": "word-level Penn Treebank <root>/ptb/ptb.{train,test}.txt (user-supplied), data.seq_len windows",
 }
+# the input shape of one sample, known without loading the data (None: only the loaded data knows)
+IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
+IMAGE_SHAPES["shapes"] = (3, 32, 32)
+
+
+def input_shape(cfg: DataConfig) -> tuple[int, ...] | None:
+    return tuple(cfg.shape) if cfg.name == "fake" else IMAGE_SHAPES.get(cfg.name)
 
 
 def load_data(cfg: DataConfig, seed: int) -> DataBundle:

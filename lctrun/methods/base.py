@@ -153,9 +153,6 @@ class Stage:
         """A forward pass without learning, for methods that store per-sample state (plan.refresh)."""
         return self.group(x)
 
-    def epoch_end(self) -> None:
-        """Called once per epoch; learning-rate schedules advance per step, so nothing is due here."""
-
     @property
     def lr(self) -> float:
         return self.opt.param_groups[0]["lr"]
@@ -232,6 +229,9 @@ class Method:
         """What epoch `epoch` (from 1) does; the same every epoch unless a method has phases."""
         return EpochPlan(augment=cfg.data.augment)
 
-    def aux_module(self, out_shape: tuple[int, ...], cfg: Experiment, num_classes: int) -> nn.Module | None:
-        """The module this method attaches after a group with this output shape (for balancing cuts)."""
+    def aux_module(
+        self, out_shape: tuple[int, ...], cfg: Experiment, num_classes: int, index: int = 0, count: int = 1
+    ) -> nn.Module | None:
+        """The module this method attaches after group `index` (of `count` that get one) with this output
+        shape: what a balanced cut prices, and what the stage builds."""
         return None

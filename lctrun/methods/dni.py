@@ -54,7 +54,7 @@ class SyntheticGradients(Method):
     def make_stage(self, group: nn.Module, ctx: StageContext) -> Stage:
         return SynthesizerStage(group, ctx)
 
-    def aux_module(self, out_shape: tuple[int, ...], cfg, num_classes: int) -> nn.Module:
+    def aux_module(self, out_shape: tuple[int, ...], cfg, num_classes: int, index: int = 0, count: int = 1):
         return make_synthesizer(out_shape, cfg.critic.channels)
 
 

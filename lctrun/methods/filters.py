@@ -1,4 +1,4 @@
-"""Downsampling filters for what crosses a group boundary and what is stored there (METHODS.md s.4).
+"""Downsampling filters for what crosses a group boundary and what is stored there (docs/methods.md section 6.6).
 
 D shrinks a (B, C, H, W) state by a factor f per spatial dimension before it is sent or stored; U
 brings it back to the size the next group expects. `avg`: average pooling down, nearest up (cheap,

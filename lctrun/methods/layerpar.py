@@ -1,4 +1,4 @@
-"""Penalty and augmented-Lagrangian layer-parallel training, and the serial-parallel hybrid (docs: METHODS.md s.4).
+"""Penalty and augmented-Lagrangian layer-parallel training, and the serial-parallel hybrid (docs/methods.md section 6).
 
 Auxiliary variables lambda_k stand for the state at boundary k, one per training sample, stored
 through the boundary filter (filters.py: D down, U up). Per sample the objective is

@@ -1,4 +1,4 @@
-"""Local critic training (LCT) and its label-trained cousin DGL (METHODS.md sections 2 and 3).
+"""Local critic training (LCT) and its label-trained cousin DGL (docs/methods.md sections 3 and 4).
 
 Group k < K is trained with the gradient of its own critic's loss, mean(l_k), l_k = CE(c_k(h_k), y);
 its input arrives detached, so no gradient ever crosses a group boundary. The last group trains on
@@ -28,18 +28,23 @@ from lctrun.methods.critics import (
 from lctrun.methods.optim import make_optimizer, make_scheduler
 
 
-class ClassifierAux:
-    """lct and dgl attach the same classifier (a critic, or a head) after every group but the last."""
+def make_critic(out_shape, cfg, num_classes: int, index: int = 0, count: int = 1, per_step: bool = False) -> nn.Module:
+    """The classifier lct (a critic) and dgl (a head) attach after group `index` of the `count` that get one;
+    critic.convs may give each its own depth."""
+    depth = critic_depth(cfg.critic, index, count)
+    return make_classifier(out_shape, num_classes, depth, cfg.critic.channels, per_step)
 
-    def aux_module(self, out_shape: tuple[int, ...], cfg, num_classes: int) -> nn.Module:
-        return make_classifier(out_shape, num_classes, cfg.critic.convs[0], cfg.critic.channels)
+
+class ClassifierAux:
+    """lct and dgl price their cuts with the classifier they attach."""
+
+    def aux_module(self, out_shape: tuple[int, ...], cfg, num_classes: int, index: int = 0, count: int = 1):
+        return make_critic(out_shape, cfg, num_classes, index, count)
 
 
 def attach_classifier(stage: Stage, ctx: StageContext) -> nn.Module:
-    cfg = ctx.cfg.critic
-    depth = critic_depth(cfg, ctx.index, ctx.num_groups - 1)
     per_step = getattr(stage.group[-1], "per_step", False)  # language models: a target at every step
-    return make_classifier(ctx.out_shape, ctx.num_classes, depth, cfg.channels, per_step).to(ctx.device)
+    return make_critic(ctx.out_shape, ctx.cfg, ctx.num_classes, ctx.index, ctx.num_groups - 1, per_step).to(ctx.device)
 
 
 class CriticStage(Stage):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from lctrun.errors import ConfigError
-from lctrun.models.chain import ChainModel, Group, Stage, split_groups
+from lctrun.models.chain import BlockSequence, ChainModel, Group, split_groups
 from lctrun.models.cnn import cnn_small
 from lctrun.models.lstm import lstm_lm, lstm_seq
 from lctrun.models.resnet import (
@@ -23,7 +23,7 @@ from lctrun.models.resnet import (
 )
 from lctrun.models.vgg import vgg_lct, vgg_lct_small
 
-__all__ = ["ChainModel", "Group", "Stage", "split_groups", "build_model", "find_model", "model_names", "MODELS"]
+__all__ = ["ChainModel", "Group", "BlockSequence", "split_groups", "build_model", "find_model", "model_names", "MODELS"]
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,6 @@ MODELS: dict[str, ModelSpec] = {
         lstm_lm, "word-level LM: embedding 200, 2 LSTM layers of 200, decoder to the vocab", ("lstm.0",)
     ),
 }
-
-
-def register(name: str, spec: ModelSpec) -> None:
-    MODELS[name] = spec
 
 
 def _wrn_spec(name: str) -> ModelSpec | None:

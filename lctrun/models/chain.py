@@ -1,7 +1,7 @@
 """Models as ordered chains of named blocks, and how to cut them into layer groups.
 
 A `ChainModel` is an nn.Sequential whose children are either single blocks (`stem`, `head`) or
-`Stage`s, sequences of blocks named `<stage>.<i>` (`layer3.8`). The flattened block list is what
+`BlockSequence`s, sequences of blocks named `<stage>.<i>` (`layer3.8`). The flattened block list is what
 a split refers to: `split: [layer2, layer3.8]` cuts after the last block of `layer2` and after
 block 8 of `layer3`, giving three groups.
 """
@@ -18,7 +18,7 @@ from torch import nn
 from lctrun.errors import ConfigError
 
 
-class Stage(nn.Sequential):
+class BlockSequence(nn.Sequential):
     """A run of blocks inside a ChainModel whose blocks can be cut between (e.g. a ResNet layer)."""
 
 
@@ -31,7 +31,7 @@ class ChainModel(nn.Sequential):
     def named_blocks(self) -> list[tuple[str, nn.Module]]:
         blocks = []
         for name, child in self.named_children():
-            if isinstance(child, Stage):
+            if isinstance(child, BlockSequence):
                 blocks += [(f"{name}.{i}", block) for i, block in enumerate(child)]
             else:
                 blocks.append((name, child))
@@ -86,12 +86,13 @@ def _summarise(names: list[str]) -> str:
     return ", ".join(out)
 
 
-def balanced_cuts(costs: list[float], k: int, end_costs: list[float] | None = None) -> list[int]:
+def balanced_cuts(costs: list[float], k: int, end_costs: list[list[float]] | None = None) -> list[int]:
     """Cut a sequence of block costs into k contiguous groups minimising the largest group's cost.
 
-    end_costs[i]: extra cost of a group (not the last) that ends at block i, e.g. a local critic there."""
+    end_costs[j][i]: extra cost of group j+1 (not the last) when it ends at block i, e.g. its local
+    critic there (critics may differ per group: critic.convs=[5,4,3])."""
     n = len(costs)
-    end = end_costs or [0.0] * n
+    end = end_costs or [[0.0] * n]
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
@@ -103,7 +104,8 @@ def balanced_cuts(costs: list[float], k: int, end_costs: list[float] | None = No
     for j in range(1, k + 1):
         for i in range(j, n + 1):
             for m in range(j - 1, i):
-                cost = max(best[j - 1][m], prefix[i] - prefix[m] + (end[i - 1] if i < n else 0.0))
+                extra = end[min(j - 1, len(end) - 1)][i - 1] if i < n and j < k else 0.0  # the last has none
+                cost = max(best[j - 1][m], prefix[i] - prefix[m] + extra)
                 if cost < best[j][i]:
                     best[j][i], arg[j][i] = cost, m
     cuts, i = [], n
@@ -111,6 +113,25 @@ def balanced_cuts(costs: list[float], k: int, end_costs: list[float] | None = No
         i = arg[j][i]
         cuts.append(i - 1)
     return sorted(cuts)
+
+
+def aux_costs(outputs: list[torch.Tensor], aux_for: Callable | None, n_aux: int, measure) -> list[list[float]]:
+    """[j][i]: cost of the module `aux_for(shape, j)` that group j+1 would attach after block i, measured
+    once per distinct module (with one critic depth for all, once per block)."""
+    if aux_for is None or n_aux < 1:
+        return [[0.0] * len(outputs)]
+    measured: dict[tuple, float] = {}
+    out = []
+    for j in range(n_aux):
+        row = []
+        for i, x in enumerate(outputs):
+            aux = aux_for(tuple(x.shape[1:]), j)
+            key = (i, str(aux))
+            if key not in measured:
+                measured[key] = measure(aux, x)[0] if aux is not None else 0.0
+            row.append(measured[key])
+        out.append(row)
+    return out
 
 
 def block_param_costs(blocks: list[tuple[str, nn.Module]]) -> list[float]:
@@ -131,43 +152,56 @@ def time_step(module: nn.Module, x: torch.Tensor, repeats: int = 3) -> tuple[flo
 
 
 def block_time_costs(
-    blocks: list[tuple[str, nn.Module]], sample: torch.Tensor, aux_for: Callable | None = None
-) -> tuple[list[float], list[float]]:
+    blocks: list[tuple[str, nn.Module]], sample: torch.Tensor, aux_for: Callable | None = None, n_aux: int = 1
+) -> tuple[list[float], list[list[float]]]:
     """Measured forward+backward seconds of each block on `sample` (a small batch), and of the
-    auxiliary module `aux_for(output_shape)` a method would attach after that block (0 if none)."""
-    costs, end_costs, x = [], [], sample
+    auxiliary modules `aux_for(output_shape, j)` a method would attach after that block (aux_costs)."""
+    costs, outputs, x = [], [], sample
     for _, block in blocks:
+        # timed in train mode (the cost that matters), but the BN running statistics it updates are put
+        # back: the cut must not change the model's starting state (the distributed path never times here)
+        buffers = {k: v.clone() for k, v in block.state_dict().items() if "running_" in k or "num_batches" in k}
         seconds, x = time_step(block, x)
+        block.load_state_dict(buffers, strict=False)
         costs.append(seconds)
-        aux = aux_for(tuple(x.shape[1:])) if aux_for is not None else None
-        end_costs.append(time_step(aux, x)[0] if aux is not None else 0.0)
-    return costs, end_costs
+        outputs.append(x)
+    return costs, aux_costs(outputs, aux_for, n_aux, time_step)
+
+
+def forward_flops(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """FLOPs of one forward pass of `module` on `x` (no grad), by FlopCounterMode, and its output.
+
+    FlopCounterMode counts the matrix products (linear, conv, bmm, attention): a multiply-add is 2 FLOPs,
+    so nn.Linear(a, b) costs 2ab and a conv 2*Cin*Cout*k*k*Hout*Wout; biases, BN, activations and pooling
+    are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        y = module(x)
+    return int(counter.get_total_flops()), y
 
 
 def block_flop_costs(
-    blocks: list[tuple[str, nn.Module]], sample: torch.Tensor, aux_for: Callable | None = None
-) -> tuple[list[float], list[float]]:
-    """Forward FLOPs of each block on `sample`, and of the auxiliary module attached after it.
+    blocks: list[tuple[str, nn.Module]], sample: torch.Tensor, aux_for: Callable | None = None, n_aux: int = 1
+) -> tuple[list[float], list[list[float]]]:
+    """Forward FLOPs of each block on `sample`, and of the auxiliary modules attached after it.
 
     Deterministic, unlike timings; on CPU the time of conv nets follows their FLOPs closely."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     def flops(module: nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            y = module(x)
-        return float(counter.get_total_flops()) + 1.0, y
+        count, y = forward_flops(module, x)
+        return count + 1.0, y  # never 0: a cut must still weigh an empty block
 
-    costs, end_costs, x = [], [], sample
+    costs, outputs, x = [], [], sample
     modes = [m.training for _, m in blocks]
     for _, block in blocks:
         block.eval()  # keep BN running statistics untouched
         cost, x = flops(block, x)
         costs.append(cost)
-        aux = aux_for(tuple(x.shape[1:])) if aux_for is not None else None
-        end_costs.append(flops(aux, x)[0] if aux is not None else 0.0)
+        outputs.append(x)
     for (_, block), mode in zip(blocks, modes, strict=True):
         block.train(mode)
-    return costs, end_costs
+    return costs, aux_costs(outputs, aux_for, n_aux, flops)
 
 
 def split_groups(
@@ -176,12 +210,13 @@ def split_groups(
     groups: int = 1,
     balance: str = "params",
     sample: torch.Tensor | None = None,
-    aux_for: Callable[[tuple[int, ...]], nn.Module | None] | None = None,
+    aux_for: Callable[[tuple[int, ...], int], nn.Module | None] | None = None,
 ) -> list[Group]:
     """Cut `model` into groups at the named `split` points, or into `groups` balanced groups.
 
     balance=time (or flops) measures every block on `sample`, plus the auxiliary module
-    `aux_for(shape)` that the method attaches at a cut, so that a group's critic counts towards its share."""
+    `aux_for(shape, j)` that the method attaches at the j-th cut, so that a group's critic counts towards
+    its share."""
     blocks = model.named_blocks()
     names = [n for n, _ in blocks]
     if split:
@@ -197,7 +232,7 @@ def split_groups(
                     raise ConfigError(f"model.balance={balance} needs a sample batch to measure the blocks")
                 measure = block_time_costs if balance == "time" else block_flop_costs
                 with torch.random.fork_rng(devices=[]):
-                    costs, end_costs = measure(blocks, sample, aux_for)
+                    costs, end_costs = measure(blocks, sample, aux_for, groups - 1)
             else:
                 costs, end_costs = block_param_costs(blocks), None
             cuts = balanced_cuts(costs, groups, end_costs)

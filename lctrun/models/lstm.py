@@ -1,7 +1,7 @@
-"""LSTM models as ChainModels: an input block, a Stage of single-layer LSTM blocks, and a head.
+"""LSTM models as ChainModels: an input block, a BlockSequence of single-layer LSTM blocks, and a head.
 
 Every block maps one tensor to one tensor, (B, T, D) -> (B, T, H), so the model can be cut between
-any two blocks (METHODS.md section 2, RNN case: lower group = embedding + LSTM layer, upper group =
+any two blocks (docs/methods.md section 3, RNN case: lower group = embedding + LSTM layer, upper group =
 LSTM layer + decoder). Each LSTM block starts from a zero hidden and cell state on every forward
 call: no state is carried across batches (truncated BPTT over a stream, as in the classic PTB
 recipe, would need the state to cross batch and group boundaries; here a batch is a set of
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lctrun.models.chain import ChainModel, Stage
+from lctrun.models.chain import BlockSequence, ChainModel
 
 
 class RowProjection(nn.Module):
@@ -86,7 +86,7 @@ def lstm_seq(num_classes: int, in_shape: tuple[int, ...], layers: int = 2, hidde
     return ChainModel(
         dict(
             embed=RowProjection(features, hidden),
-            lstm=Stage(*[LSTMBlock(hidden, hidden) for _ in range(layers)]),
+            lstm=BlockSequence(*[LSTMBlock(hidden, hidden) for _ in range(layers)]),
             head=SequenceHead(hidden, num_classes, per_step=False),
         )
     )
@@ -104,7 +104,7 @@ def lstm_lm(
     model = ChainModel(
         dict(
             embed=TokenEmbedding(num_classes, embed, dropout),
-            lstm=Stage(*[LSTMBlock(embed if i == 0 else hidden, hidden, dropout) for i in range(layers)]),
+            lstm=BlockSequence(*[LSTMBlock(embed if i == 0 else hidden, hidden, dropout) for i in range(layers)]),
             head=SequenceHead(hidden, num_classes, per_step=True),
         )
     )

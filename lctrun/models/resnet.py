@@ -1,6 +1,6 @@
 """ResNets for 32x32 inputs: CIFAR ResNet-6n+2, pre-activation ResNet-101 and Wide ResNets.
 
-Every model is a ChainModel `stem, layer1..layerN, head` whose stages are `Stage`s, so each residual
+Every model is a ChainModel `stem, layer1..layerN, head` whose stages are `BlockSequence`s, so each residual
 block is a cut point (`layer3.9`). Inputs of other sizes (28x28 MNIST) work because the head pools
 adaptively.
 """
@@ -12,7 +12,7 @@ from functools import partial
 from torch import Tensor, nn
 
 from lctrun.errors import ConfigError
-from lctrun.models.chain import ChainModel, Stage
+from lctrun.models.chain import BlockSequence, ChainModel
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -88,13 +88,13 @@ class PreActBottleneck(nn.Module):
         return out + shortcut
 
 
-def make_stage(block: type[nn.Module], cin: int, planes: int, n: int, stride: int) -> tuple[Stage, int]:
+def make_stage(block: type[nn.Module], cin: int, planes: int, n: int, stride: int) -> tuple[BlockSequence, int]:
     """n blocks, the first one strided; returns the stage and its output channels."""
     blocks = []
     for i in range(n):
         blocks.append(block(cin, planes, stride if i == 0 else 1))
         cin = planes * block.expansion
-    return Stage(*blocks), cin
+    return BlockSequence(*blocks), cin
 
 
 def _resnet(block, widths, counts, strides, num_classes, in_channels, preact):

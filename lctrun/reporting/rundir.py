@@ -11,6 +11,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 import yaml
 
 from lctrun.config import Experiment, to_dict
+from lctrun.errors import WriteError
 
 RESULTS = Path("results")
 
@@ -37,9 +39,42 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(
+            f"cannot write {path} ({e.strerror or e}): free some space or give another --out; what was written "
+            f"before stays, and lctrun train --resume {path.parent} continues from the last checkpoint"
+        ) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def make_run_dir(run_dir: Path) -> None:
+    """Create the run directory, or say in one line why it cannot be (a file, /proc, read-only, full)."""
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"--out {run_dir}: cannot create the run directory there ({e.strerror or e})") from None
+
+
+def check_run_dir_writable(run_dir: Path) -> None:
+    """Before anything is loaded or trained: can a run directory be made at `run_dir`? Leaves nothing behind."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise WriteError(f"--out {run_dir} is a file, not a directory: give a directory path")
+    parent = run_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise WriteError(f"--out {run_dir}: {parent} is a file, not a directory")
+    try:
+        probe = tempfile.mkdtemp(prefix=".lctrun-probe-", dir=parent)
+        os.rmdir(probe)
+    except OSError as e:
+        raise WriteError(
+            f"--out {run_dir}: cannot write in {parent} ({e.strerror or e}); give a writable directory"
+        ) from None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -1,12 +1,38 @@
-"""What every runtime gives the training loop: epochs of training and evaluation over stages."""
+"""What every runtime gives the training loop (the `Runtime` protocol), and the helpers both runtimes use."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from lctrun.errors import LctrunError
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """Everything the training loop (train.py), checkpoints and bench use of a runtime. SerialRuntime runs
+    every stage in this process; DistributedRuntime runs this process's one stage and talks to the others."""
+
+    rank: int  # this process's worker (0 for the serial runtime)
+    is_main: bool  # writes the run directory, prints
+    needs_inputs: bool  # reads the batches' inputs (the others receive activations)
+    checkpoint_tag: str  # "" or ".rank<r>": this process's checkpoint files
+    stop_signals: tuple  # the signals that ask this process for a stop between two steps
+    worker_stats: list[dict]  # per worker, after train_epoch: compute/wait seconds, bytes, memory
+
+    def begin_epoch(self, plan: Any) -> None: ...  # the method's plan for the epoch (phase, wire)
+    def refresh(self, loader: Any) -> None: ...  # a no-learning pass (penalty/al refresh)
+    def train_epoch(self, loader: Any, on_batch=None, stop=None, partial=None) -> dict[str, float]: ...
+    def evaluate(self, loader: Any) -> EvalOutput | None: ...  # None on workers that are not the main one
+    @property
+    def lr(self) -> float: ...
+    def barrier(self) -> None: ...
+    def agree(self, value): ...  # rank 0's value, on every worker
+    def gather(self, value) -> list: ...  # every worker's value, on every worker
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 from collections import deque
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -226,9 +225,6 @@ class DistributedRuntime:
     def lr(self) -> float:
         return self.stage.lr
 
-    def epoch_end(self) -> None:
-        self.stage.epoch_end()
-
     def barrier(self) -> None:
         dist.barrier()
 
@@ -276,9 +272,13 @@ def run_worker(cfg: Experiment, rank: int, world: int, local_rank: int, init_met
     backend = "nccl" if device.type == "cuda" and len(set(devices)) == world else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=120)
-    )
+    timeout = timedelta(seconds=120)
+    if init_method.startswith("store://"):  # the launcher's store: its port was never let go (no race)
+        port = int(init_method.rsplit(":", 1)[1])
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timeout)
     try:
         torch.set_num_threads(cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // world))
         if cfg.model.balance == "time" and not cfg.model.split and cfg.model.groups > 1:
@@ -323,23 +323,39 @@ class WorkerBody:
 
     cfg: Experiment
     world: int
-    port: int
+    port: int  # of the launcher's TCPStore
     job: object
 
     def __call__(self, rank: int):
-        return run_worker(self.cfg, rank, self.world, rank, f"tcp://127.0.0.1:{self.port}", self.job)
+        return run_worker(self.cfg, rank, self.world, rank, f"store://127.0.0.1:{self.port}", self.job)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def check_groups_fit(cfg: Experiment) -> None:
+    """model.groups larger than the model's blocks: said now, before K processes start and load the data."""
+    from lctrun.data import input_shape
+    from lctrun.models import build_model
+
+    shape = input_shape(cfg.data)
+    if cfg.model.split or cfg.model.groups <= 1 or shape is None:
+        return
+    blocks = len(build_model(cfg.model.name, cfg.data.num_classes, shape).block_names())
+    if cfg.model.groups > blocks:
+        raise ConfigError(
+            f"model.groups={cfg.model.groups} but {cfg.model.name} has only {blocks} blocks to cut between: "
+            f"use model.groups <= {blocks}"
+        )
 
 
 def spawn_workers(cfg: Experiment, job, where="", console: Console | None = None):
     """Start one local process per group, run `job` in each, return rank 0's result."""
+    check_groups_fit(cfg)
     world = cfg.workers or num_groups(cfg)
-    return run_processes(WorkerBody(cfg, world, free_port(), job), world, "worker", where, console)
+    # the launcher holds the rendezvous store on a port the OS picked, for as long as the workers run
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    try:
+        return run_processes(WorkerBody(cfg, world, store.port, job), world, "worker", where, console)
+    finally:
+        del store
 
 
 def launch(cfg: Experiment, run_dir: Path | None = None, resume: bool = False, console: Console | None = None):

@@ -6,8 +6,10 @@ Used for the distributed runtime's workers and for isolating runs whose peak mem
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import shutil
 import signal
 import tempfile
 import threading
@@ -20,26 +22,35 @@ import torch
 from lctrun.errors import LctrunError
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A parent killed outright (kill -9) cannot stop its children: they notice and exit by themselves."""
+def _exit_with_parent(parent: int, exchange: str) -> None:
+    """A parent killed outright (kill -9) cannot stop its children, nor remove its exchange folder: they
+    notice, remove it, and exit by themselves."""
     while os.getppid() == parent:
         time.sleep(0.5)
+    shutil.rmtree(exchange, ignore_errors=True)
     os._exit(1)
 
 
-def _child(body, rank: int, result_path: str, errors, parent: int) -> None:
+def _report(exchange: str, rank: int, message: str, trace: str) -> None:
+    """A failure, for the parent: a file, not a multiprocessing queue (whose semaphore a killed parent
+    would leak, with a warning at exit)."""
+    with contextlib.suppress(OSError):
+        Path(exchange, f"error-{rank}.pkl").write_bytes(pickle.dumps((rank, message, trace)))
+
+
+def _child(body, rank: int, exchange: str, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops its children; Ctrl-C goes to it
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(parent, exchange), daemon=True).start()
     try:
         result = body(rank)
         if rank == 0:
             # through a file, not a pipe: a large result would block the child until the parent reads it
-            Path(result_path).write_bytes(pickle.dumps(result))
+            Path(exchange, "result.pkl").write_bytes(pickle.dumps(result))
     except LctrunError as e:
-        errors.put((rank, str(e), ""))
+        _report(exchange, rank, str(e), "")
         raise SystemExit(3) from None
     except BaseException as e:  # report any failure to the parent, which stops the other processes
-        errors.put((rank, f"{type(e).__name__}: {e}", traceback.format_exc()))
+        _report(exchange, rank, f"{type(e).__name__}: {e}", traceback.format_exc())
         raise SystemExit(1) from None
 
 
@@ -48,13 +59,8 @@ def run_processes(body, count: int, what: str = "worker", where="", console=None
 
     `where`: text (or a function giving it, asked after the failure) to end an error message with."""
     ctx = torch.multiprocessing.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    with tempfile.TemporaryDirectory(prefix="lctrun-") as tmp:
-        result_path = os.path.join(tmp, "result.pkl")
-        procs = [
-            ctx.Process(target=_child, args=(body, r, result_path, errors, os.getpid()), daemon=True)
-            for r in range(count)
-        ]
+    with tempfile.TemporaryDirectory(prefix="lctrun-", ignore_cleanup_errors=True) as tmp:
+        procs = [ctx.Process(target=_child, args=(body, r, tmp, os.getpid()), daemon=True) for r in range(count)]
         for proc in procs:
             proc.start()
         try:
@@ -62,19 +68,20 @@ def run_processes(body, count: int, what: str = "worker", where="", console=None
         except KeyboardInterrupt:
             ask_to_stop(procs)
             stop(procs)
-            raise LctrunError(f"interrupted: all {count} {what}s stopped{_text(where)}") from None
+            stopped = f"the {what} stopped" if count == 1 else f"all {count} {what}s stopped"
+            raise LctrunError(f"interrupted: {stopped}{_text(where)}") from None
         if failed is not None:
             exit_codes = [p.exitcode for p in procs]  # before the rest are stopped: who died by itself
             stop(procs)
-            reports = []
-            while not errors.empty():
-                reports.append(errors.get())
+            written = sorted(Path(tmp).glob("error-*.pkl"), key=lambda p: p.stat().st_mtime_ns)  # first failure first
+            reports = [pickle.loads(p.read_bytes()) for p in written]
             rank, message, trace = root_cause(exit_codes, reports)
             if trace and os.environ.get("LCTRUN_DEBUG") and console is not None:
                 console.print(trace, markup=False)
             name = f"worker {rank} (group {rank + 1})" if what == "worker" else what
-            raise LctrunError(f"{name} failed: {message}; all {what}s stopped{_text(where)}")
-        return pickle.loads(Path(result_path).read_bytes())
+            stopped = "" if count == 1 else f"; all {what}s stopped"
+            raise LctrunError(f"{name} failed: {message}{stopped}{_text(where)}")
+        return pickle.loads(Path(tmp, "result.pkl").read_bytes())
 
 
 def _text(where) -> str:

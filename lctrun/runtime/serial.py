@@ -148,16 +148,9 @@ class SerialRuntime:
     def gather(self, value) -> list:
         return [value]
 
-    def epoch_end(self) -> None:
-        for stage in self.stages:
-            stage.epoch_end()
-
     def state_dict(self) -> dict:
         return {"stages": [s.state_dict() for s in self.stages]}
 
     def load_state_dict(self, state: dict) -> None:
         for stage, s in zip(self.stages, state["stages"], strict=True):
             stage.load_state_dict(s)
-
-    def close(self) -> None:
-        pass
