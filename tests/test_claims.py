@@ -90,7 +90,7 @@ def test_a_wide_table_is_shown_whole_in_80_columns_and_a_narrow_one_as_a_table()
     wide = pd.DataFrame(
         [{"run": "critic training(3)", "item": "sub1", **{f"a long column name {i}": 91.25 + i for i in range(8)}}]
     )
-    console = Console(width=80, record=True)
+    console = Console(width=80, record=True, soft_wrap=True)  # as the CLI's console
     console.print(rich_table(wide, title="wide"))
     text = console.export_text()
     assert "…" not in text and max(len(line.rstrip()) for line in text.splitlines()) <= 80

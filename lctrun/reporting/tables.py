@@ -7,7 +7,6 @@ from pathlib import Path
 import pandas as pd
 from rich.console import Console, ConsoleOptions
 from rich.measure import Measurement
-from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -51,7 +50,9 @@ class FitTable:
             yield Text(" ".join(cells[:head]), style="bold")
             pairs = zip(names[head:], cells[head:], strict=True)
             rest = [f"{name} {cell}" for name, cell in pairs if cell not in ("", "nan")]
-            yield Padding(Text(" · ".join(rest)), (0, 0, 0, 2))
+            # wrapped here, not by the console: a soft-wrapping console (the CLI's) would crop a padded line
+            for line in Text(" · ".join(rest)).wrap(console, max(options.max_width - 2, 20)):
+                yield Text("  ") + line
         if self.caption:
             yield Text(self.caption, style="dim")
 
