@@ -77,15 +77,13 @@ def finished_rows(run_dir: Path, cfg: Experiment) -> list[dict] | None:
     """The metrics of a run this comparison finished before (same config), else None."""
     if not (run_dir / "config.yaml").exists():
         return None
-    from lctrun.launch import check_same_config
+    from lctrun.launch import config_differences
 
-    try:
-        check_same_config(cfg, run_dir)
-    except ConfigError as e:  # another comparison's run: refused, nothing overwritten
-        what = str(e).split("(", 1)[1].split(")")[0]
+    what = config_differences(cfg, run_dir)
+    if what:  # another comparison's run: refused, nothing overwritten
         raise ConfigError(
             f"--out {run_dir.parent} holds another comparison's run {run_dir.name} ({what}); give a new --out directory"
-        ) from None
+        )
     rows = rundir.read_rows(run_dir / "metrics.csv") if (run_dir / "done.json").exists() else []
     return rows if len(rows) >= cfg.epochs else None
 

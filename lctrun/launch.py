@@ -68,15 +68,20 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_same_config(cfg: Experiment, run_dir: Path) -> None:
-    """A resumed run continues the config it was started with (only its length may change)."""
+def config_differences(cfg: Experiment, run_dir: Path) -> str:
+    """What differs between `cfg` and the run's config.yaml, besides its length ("" if nothing, or no run)."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
-        return  # nothing ran there yet: a resume starts it
+        return ""  # nothing ran there yet: a resume starts it
     saved, now = flatten(to_dict(load_experiment(saved_path))), flatten(to_dict(cfg))
     changed = [k for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
-    if changed:
-        what = ", ".join(f"{k}={saved.get(k)!r} in the run but {now[k]!r} now" for k in changed[:3])
+    return ", ".join(f"{k}={saved.get(k)!r} in the run but {now[k]!r} now" for k in changed[:3])
+
+
+def check_same_config(cfg: Experiment, run_dir: Path) -> None:
+    """A resumed run continues the config it was started with (only its length may change)."""
+    what = config_differences(cfg, run_dir)
+    if what:
         raise ConfigError(
             f"--resume {run_dir}: the config differs from the run's ({what}); resume with the run's own config "
             f"(lctrun train --resume {run_dir}) or start a new run"

@@ -225,9 +225,9 @@ def measure(run_dir: Path) -> dict:
     return out
 
 
-def expand(run: TableRun, run_dir: Path) -> list[dict]:
-    """The table rows of one run: its final result, or one row per sub-model / ensemble / threshold."""
-    measured = measure(run_dir)
+def expand(run: TableRun, run_dir: Path, measured: dict) -> list[dict]:
+    """The table rows of one run (`measured` = measure(run_dir)): its final result, or one row per
+    sub-model / ensemble / threshold."""
     if run.rows == "final":
         return [{"run": run.label, "item": "", **measured}]
     frame = pd.read_csv(run_dir / f"{run.rows}.csv")
@@ -441,8 +441,9 @@ def reproduce(name: str, scale: str = "small", out: Path = Path("results/tables"
             commits.append(json.loads((run_dir / "done.json").read_text()).get("commit", "unknown"))
             if reused:
                 console.print(f"  reused {run_dir}")
-            per_seed.append(expand(run, run_dir))
-            changes.setdefault(run.label, []).append(measure(run_dir)["last3_change"])
+            measured = measure(run_dir)
+            per_seed.append(expand(run, run_dir, measured))
+            changes.setdefault(run.label, []).append(measured["last3_change"])
         rows += over_seeds(per_seed)
     relative(rows, table.reference, table.layer_serial)
     frame = assemble(table, rows)
