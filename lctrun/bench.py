@@ -5,12 +5,16 @@ data: warm-up steps first, then timed steps, `repeats` times; the table gives th
 its spread ((max - min) / median), and marks a configuration noisy when the spread passes NOISY. The cut
 is the same for every configuration on K workers: the one given, or the first one measured.
 Rows: bp on 1 worker with 1 thread; bp on 1 worker with every core; model-parallel bp on K workers;
+pipelined bp on K workers (GPipe and 1F1B over M micro-batches, torch.distributed.pipelining), and
+torch.distributed.pipelining's GPipe on its own, without lctrun's runtime, as a check of the wiring;
 lct/dgl/dni on K workers, pipelined; penalty/al on K workers in a parallel phase (after its refresh
-pass, which is not timed).
+pass, which is not timed). Every row's speed is also given against the best bp row: the baseline a
+practitioner would pick, which the local methods have to beat.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import torch
+import torch.distributed as dist
 from rich.console import Console
 
 from lctrun.config import load_experiment
@@ -56,11 +62,61 @@ class BenchJob:
         return {"seconds": seconds, "samples": self.steps * batch, "workers": runtime.worker_stats, "cut": cut}
 
 
+@dataclass
+class TorchPipelineJob:
+    """GPipe from torch.distributed.pipelining driven directly (no lctrun runtime, metrics or checks) on the
+    same cut, data and optimiser: the throughput lctrun's GPipe row should match, since it builds on it."""
+
+    warmup: int
+    steps: int
+    microbatches: int
+
+    def __call__(self, p, runtime, console):
+        from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+        from lctrun.runtime.pipelined import mean_loss
+
+        rank, world, stage = runtime.rank, runtime.world, runtime.stage
+        batch, part = p.cfg.data.batch_size, p.cfg.data.batch_size // self.microbatches
+        (in_shape, out_shape), first, last = p.shapes[rank], rank == 0, rank == world - 1
+        inputs = torch.empty((part, *in_shape), device="meta", requires_grad=not first)
+        outputs = torch.empty((part, *out_shape), device="meta", requires_grad=True)
+        pipe = PipelineStage(stage.group, rank, world, stage.device, input_args=inputs, output_args=outputs)
+        schedule = ScheduleGPipe(pipe, self.microbatches, loss_fn=mean_loss)
+        x, y = p.data.train_x.to(stage.device), p.data.train_y.to(stage.device)
+
+        def run(start: int, count: int) -> None:
+            for i in range(start, start + count):
+                part_of = slice(i * batch, (i + 1) * batch)
+                stage.opt.zero_grad(set_to_none=True)
+                schedule.step(*([x[part_of]] if first else []), target=y[part_of] if last else None)
+                stage.opt.step()
+
+        run(0, self.warmup)
+        dist.barrier()
+        start = time.perf_counter()
+        run(self.warmup, self.steps)
+        dist.barrier()
+        seconds = time.perf_counter() - start
+        moved = batch * 4 * (math.prod(out_shape) * (not last) + math.prod(in_shape) * (not first)) * self.steps
+        unknown = dict.fromkeys(["compute_s", "wait_s", "peak_mem_mb", *ACCOUNT], math.nan)
+        stats = [None] * world
+        dist.all_gather_object(stats, {**unknown, "bytes_sent": moved})
+        cut = ",".join(names[-1] for names in p.block_names[:-1]) or "-"
+        return {"seconds": seconds, "samples": self.steps * batch, "workers": stats, "cut": cut}
+
+
+ACCOUNT = ("activations_mb", "params_mb", "grads_mb", "optim_mb", "aux_vars_mb")
+
+
 def account_mb(w: dict) -> float:
-    return sum(w[k] for k in ("activations_mb", "params_mb", "grads_mb", "optim_mb", "aux_vars_mb"))
+    return sum(w[k] for k in ACCOUNT)
 
 
-def bench_configs(methods: list[str], groups: int, cores: int) -> list[tuple[str, list[str]]]:
+def bench_configs(
+    methods: list[str], groups: int, cores: int, schedules=(), microbatches=(), batch: int = 128
+) -> list[tuple[str, list[str]]]:
+    """(label, overrides) per row; the row whose label ends in TORCH_ALONE runs TorchPipelineJob, not lctrun."""
     rows = [
         ("bp 1 worker, 1 thread", ["method=bp", "model.groups=1", "model.split=[]", "threads_per_worker=1"]),
         (
@@ -71,6 +127,15 @@ def bench_configs(methods: list[str], groups: int, cores: int) -> list[tuple[str
     for method in methods:
         if method == "bp":
             rows.append((f"bp model-parallel, {groups} workers", ["method=bp"]))
+            for schedule in schedules:
+                for m in microbatches:
+                    if batch % m == 0 and (schedule != "1f1b" or m >= groups):
+                        pipe = [f"pipeline.schedule={schedule}", f"pipeline.microbatches={m}"]
+                        rows.append((f"bp {schedule} M={m}, {groups} workers", ["method=bp", *pipe]))
+            if "gpipe" in schedules and any(batch % m == 0 for m in microbatches):
+                m = max((m for m in microbatches if batch % m == 0), key=lambda m: (m == 4, -abs(m - 4)))
+                pipe = ["pipeline.schedule=gpipe", f"pipeline.microbatches={m}"]
+                rows.append((f"bp gpipe M={m}, {groups} workers, {TORCH_ALONE}", ["method=bp", *pipe]))
         elif method in ("penalty", "al"):
             rows.append((f"{method} {groups} workers, parallel phase", [f"method={method}"]))
         else:
@@ -78,8 +143,20 @@ def bench_configs(methods: list[str], groups: int, cores: int) -> list[tuple[str
     return rows
 
 
+TORCH_ALONE = "torch.distributed.pipelining alone"
+
+
 def check_bench_input(
-    model: str, groups: int, steps: int, warmup: int, methods: list[str], split, shape, repeats: int = 1
+    model: str,
+    groups: int,
+    steps: int,
+    warmup: int,
+    methods: list[str],
+    split,
+    shape,
+    repeats: int = 1,
+    schedules=(),
+    microbatches=(),
 ) -> None:
     """What would otherwise fail minutes in, after the first configurations ran: one line now."""
     from lctrun.errors import ConfigError
@@ -90,6 +167,10 @@ def check_bench_input(
         raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     if groups < 1:
         raise ConfigError(f"--groups must be >= 1, got {groups}")
+    if any(schedule not in ("gpipe", "1f1b") for schedule in schedules):
+        raise ConfigError(f"--schedules {','.join(schedules)}: each must be gpipe or 1f1b")
+    if any(m < 1 for m in microbatches):
+        raise ConfigError(f"--microbatches must be >= 1, got {','.join(map(str, microbatches))}")
     if repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {repeats}")
     for method in methods:
@@ -118,6 +199,8 @@ def bench(
     warmup: int = 3,
     repeats: int = 3,
     depth: int = 2,
+    schedules: list[str] | tuple = ("gpipe", "1f1b"),
+    microbatches: list[int] | tuple = (2, 4, 8),
     device: str = "cpu",
     overrides: list[str] | None = None,
     out_dir: Path = Path("results/bench"),
@@ -144,15 +227,18 @@ def bench(
     ]
     if split:
         base.append(f"model.split=[{','.join(split)}]")
-    check_bench_input(model, groups, steps, warmup, methods, split, shape, repeats)
+    check_bench_input(model, groups, steps, warmup, methods, split, shape, repeats, schedules, microbatches)
     rows, cut = [], split
-    for label, extra in bench_configs(methods, groups, cores):
+    for label, extra in bench_configs(methods, groups, cores, schedules, microbatches, batch):
         on_k = "model.groups=1" not in extra
         cfg = load_experiment(None, base + extra + ([f"model.split=[{','.join(cut)}]"] if on_k and cut else []))
+        job = BenchJob(warmup, steps)
+        if label.endswith(TORCH_ALONE):
+            job = TorchPipelineJob(warmup, steps, cfg.pipeline.microbatches)
         console.print(f"[bold]{label}[/] ...")
         results = []
         for _ in range(repeats):
-            results.append(spawn_workers(cfg, BenchJob(warmup, steps), console=console))
+            results.append(spawn_workers(cfg, job, console=console))
         speeds = sorted(r["samples"] / r["seconds"] for r in results)
         result = min(results, key=lambda r: abs(r["samples"] / r["seconds"] - speeds[len(speeds) // 2]))
         if on_k and not cut:
@@ -187,9 +273,11 @@ def bench(
         )
     frame = pd.DataFrame(rows)
     bp1, bpall = frame["samples_per_s"].iloc[0], frame["samples_per_s"].iloc[1]
-    frame.insert(4, "speedup_vs_bp_1t", frame["samples_per_s"] / bp1)
-    frame.insert(5, f"speedup_vs_bp_{cores}t", frame["samples_per_s"] / bpall)
-    frame.insert(9, "ideal_speedup_vs_bp_1t", frame["ideal_samples_per_s"] / bp1)
+    best = frame[frame["config"].str.startswith("bp ")].sort_values("samples_per_s").iloc[-1]
+    frame.insert(4, "speedup_vs_best_bp", frame["samples_per_s"] / best["samples_per_s"])
+    frame.insert(5, "speedup_vs_bp_1t", frame["samples_per_s"] / bp1)
+    frame.insert(6, f"speedup_vs_bp_{cores}t", frame["samples_per_s"] / bpall)
+    frame.insert(10, "ideal_speedup_vs_bp_1t", frame["ideal_samples_per_s"] / bp1)
     frame["mem_vs_bp_1t"] = frame["max_peak_mem_mb"] / frame["max_peak_mem_mb"].iloc[0]
     frame = frame.round(3)
     tag = hardware_tag()
@@ -202,7 +290,10 @@ def bench(
         f"{time.strftime('%Y-%m-%d')}. Peak memory: per worker, above its own baseline after start-up. "
         f"The cut, unless given, balances measured time per block for the first K-worker row. "
         f"Critic: {cfg.critic.convs[0]} x conv3x3({cfg.critic.channels}) + linear; "
-        f"extra overrides: {' '.join(overrides or []) or 'none'}."
+        f"extra overrides: {' '.join(overrides or []) or 'none'}. "
+        f"Best bp (speedup_vs_best_bp = 1): {best['config']}. Pipelined bp: pipeline.schedule over M micro-batches "
+        f"(torch.distributed.pipelining); the row '{TORCH_ALONE}' drives that library without lctrun (its compute, "
+        f"wait and memory are not measured)."
     )
     name = "-".join([slug(tag), model, f"k{groups}", *(slug(o) for o in overrides or [])])
     paths = write_table(frame, Path(out_dir) / name, header)
@@ -211,6 +302,7 @@ def bench(
             "config",
             "samples_per_s",
             "noisy",
+            "speedup_vs_best_bp",
             "speedup_vs_bp_1t",
             f"speedup_vs_bp_{cores}t",
             "ideal_speedup_vs_bp_1t",
@@ -223,6 +315,7 @@ def bench(
         "config",
         "samples/s",
         "noisy",
+        "x best bp",
         "x bp 1t",
         f"x bp {cores}t",
         "ideal x bp 1t",
@@ -231,6 +324,7 @@ def bench(
         "B/sample",
     ]
     console.print(rich_table(shown, title=header.splitlines()[0][2:]))
+    console.print(f"x best bp: against {best['config']} ({best['samples_per_s']:.0f} samples/s), the fastest bp here")
     console.print("ideal = samples / max per-worker compute time (the critical path with perfect overlap)")
     console.print(f"written: {', '.join(map(str, paths))}")
     return frame

@@ -132,6 +132,8 @@ def bench(
     warmup: int = typer.Option(3, help="Warm-up steps, not timed."),
     repeats: int = typer.Option(3, help="Runs per configuration (fresh processes); the median is shown."),
     depth: int = typer.Option(2, help="pipeline_depth of the local methods."),
+    schedules: str = typer.Option("gpipe,1f1b", help="Pipelined bp rows (with bp in --methods); '' for none."),
+    microbatches: str = typer.Option("2,4,8", help="Micro-batches M of the pipelined bp rows."),
     device: str = typer.Option("cpu", help="cpu or cuda (all workers share it)."),
     overrides: list[str] = typer.Argument(None, help="Extra KEY=VALUE overrides, e.g. critic.channels=64."),
     out: Path = typer.Option(Path("results/bench"), "--out", help="Where the CSV and Markdown go."),
@@ -144,6 +146,10 @@ def bench(
         dims = tuple(int(v) for v in shape.split(","))
     except ValueError:
         raise ConfigError(f"--shape {shape!r} is not C,H,W integers (e.g. 3,32,32)") from None
+    try:
+        counts = [int(v) for v in microbatches.split(",") if v]
+    except ValueError:
+        raise ConfigError(f"--microbatches {microbatches!r} is not comma-separated integers (e.g. 2,4,8)") from None
     run_bench(
         model,
         groups,
@@ -155,6 +161,8 @@ def bench(
         warmup,
         repeats,
         depth,
+        [v for v in schedules.split(",") if v],
+        counts,
         device,
         overrides or [],
         out,

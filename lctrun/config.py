@@ -91,6 +91,16 @@ class LayerParallelConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """Micro-batched backprop (method=bp; docs/methods.md section 2): one update per batch from the gradients
+    of its M micro-batches, summed. How the micro-batches run is the runtime's: one after another (serial, or
+    distributed with schedule=none), or in a torch.distributed.pipelining schedule across the K workers."""
+
+    schedule: str = "none"  # none | gpipe | 1f1b (runtime=distributed)
+    microbatches: int = 1  # M, dividing data.batch_size
+
+
+@dataclass
 class Experiment:
     name: str = "experiment"
     seed: int = 0
@@ -105,7 +115,8 @@ class Experiment:
     workers: int | None = None  # distributed: number of worker processes (default: one per group)
     devices: list[str] = field(default_factory=lambda: ["cpu"])  # one per group, or one for all
     threads_per_worker: int | None = None  # default: cores // workers (serial: all cores)
-    pipeline_depth: int = 1  # batches in flight per worker (1 = synchronous)
+    pipeline_depth: int = 1  # batches in flight per worker (1 = synchronous); local methods, not bp
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # bp's micro-batch schedules
     eval_every: int = 1  # epochs between test evaluations (the last epoch is always evaluated)
     submodels: bool = True  # evaluate sub-models / ensembles / progressive inference where a method has them
     exit_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
@@ -256,6 +267,7 @@ def validate(cfg: Experiment) -> None:
         "layerpar.precision": (cfg.layerpar.precision, ["fp32", "bf16", "fp16"]),
         "layerpar.filter": (cfg.layerpar.filter, ["avg", "bilinear"]),
         "layerpar.downsample": (cfg.layerpar.downsample, [1, 2, 4]),
+        "pipeline.schedule": (cfg.pipeline.schedule, ["none", "gpipe", "1f1b"]),
     }
     if isinstance(cfg.data.augment, str):
         choices["data.augment"] = (cfg.data.augment, ["none", "crop", "flip", "crop-flip"])
@@ -268,6 +280,7 @@ def validate(cfg: Experiment) -> None:
         "data.test_batch_size": cfg.data.test_batch_size,
         "model.groups": cfg.model.groups,
         "pipeline_depth": cfg.pipeline_depth,
+        "pipeline.microbatches": cfg.pipeline.microbatches,
         "critic.update_every": cfg.critic.update_every,
         "critic.channels": cfg.critic.channels,
         "eval_every": cfg.eval_every,
@@ -314,7 +327,39 @@ def validate(cfg: Experiment) -> None:
                 f"layerpar.cycles={lp.cycles} with {lp.parallel_epochs}+{lp.serial_epochs} epochs per cycle needs "
                 f"epochs={max(lp.cycles, 1) * per_cycle}, got epochs={cfg.epochs}"
             )
+    check_microbatches(cfg)
     if cfg.workers is not None and cfg.workers < 1:
         raise ConfigError(f"workers must be >= 1, got {cfg.workers}")
     if cfg.threads_per_worker is not None and cfg.threads_per_worker < 1:
         raise ConfigError(f"threads_per_worker must be >= 1, got {cfg.threads_per_worker}")
+
+
+def check_microbatches(cfg: Experiment) -> None:
+    pipe, batch = cfg.pipeline, cfg.data.batch_size
+    if pipe.schedule != "none" or pipe.microbatches > 1:
+        if cfg.method != "bp":
+            what = f"pipeline.schedule={pipe.schedule}" if pipe.schedule != "none" else "pipeline.microbatches"
+            raise ConfigError(
+                f"{what} is micro-batched backprop: use method=bp (method={cfg.method} has no micro-batches)"
+            )
+    if pipe.microbatches > 1 and pipe.schedule == "none" and cfg.runtime == "distributed":
+        raise ConfigError(
+            "pipeline.microbatches on runtime=distributed runs under a schedule: add pipeline.schedule=gpipe (or 1f1b)"
+        )
+    groups = len(cfg.model.split) + 1 if cfg.model.split else cfg.model.groups
+    if pipe.schedule == "1f1b" and pipe.microbatches < groups:
+        raise ConfigError(
+            "pipeline.schedule=1f1b needs at least one micro-batch per group: "
+            f"pipeline.microbatches={pipe.microbatches} < {groups} groups (raise it, or use pipeline.schedule=gpipe)"
+        )
+    if pipe.schedule != "none" and cfg.runtime != "distributed":
+        raise ConfigError(
+            f"pipeline.schedule={pipe.schedule} runs the micro-batches across workers: add runtime=distributed "
+            "(in one process, pipeline.microbatches alone gives the same update)"
+        )
+    if pipe.microbatches > batch or batch % pipe.microbatches:
+        near = max(d for d in range(1, min(pipe.microbatches, batch) + 1) if batch % d == 0)
+        raise ConfigError(
+            f"pipeline.microbatches={pipe.microbatches} must divide data.batch_size={batch} "
+            f"(e.g. pipeline.microbatches={near})"
+        )

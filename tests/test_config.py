@@ -59,6 +59,33 @@ def test_sph_cycles_must_match_the_epochs():
     assert load_experiment(None, ["epochs=9", "layerpar.sph=true", "layerpar.parallel_epochs=2", "layerpar.cycles=3"])
 
 
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["pipeline.microbatches=0"], ["pipeline.microbatches must be >= 1"]),
+        (["pipeline.microbatches=256"], ["pipeline.microbatches=256 must divide data.batch_size=128"]),
+        (["pipeline.microbatches=5"], ["must divide data.batch_size=128", "pipeline.microbatches=4"]),
+        (["pipeline.schedule=zb"], ["pipeline.schedule='zb'", "gpipe, 1f1b"]),
+        (["pipeline.schedule=gpipe"], ["runtime=distributed"]),
+        (["method=lct", "pipeline.microbatches=4"], ["use method=bp", "method=lct"]),
+        (["runtime=distributed", "pipeline.microbatches=4"], ["add pipeline.schedule=gpipe"]),
+        (
+            [
+                "runtime=distributed",
+                "model.split=[conv1,conv2,conv3]",
+                "pipeline.schedule=1f1b",
+                "pipeline.microbatches=2",
+            ],
+            ["1f1b", "pipeline.microbatches=2 < 4 groups", "gpipe"],
+        ),
+    ],
+)
+def test_bad_micro_batches_name_the_fix(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_experiment(None, overrides)
+    assert "\n" not in str(e.value) and all(word in str(e.value) for word in words)
+
+
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="experiment file not found"):
         load_experiment(tmp_path / "missing.yaml")

@@ -58,6 +58,29 @@ def test_distributed_equals_serial(tmp_path, method, split):
     assert serial.final["test_acc"] == pytest.approx(dist.final["test_acc"], abs=0.01)  # eval through the workers
 
 
+@pytest.mark.parametrize("schedule, split", [("gpipe", ["conv2"]), ("1f1b", ["conv1", "fc1"])])
+def test_pipelined_bp_equals_microbatch_accumulation(tmp_path, schedule, split):
+    """torch.distributed.pipelining's schedule over K workers gives the update of backprop in one process that
+    sums the gradients of the same 4 micro-batches (BatchNorm per micro-batch in both): the same parameters,
+    running statistics included, after 3 steps. Model-parallel bp without micro-batches differs (BN sees the
+    whole batch) but sends the same bytes."""
+    overrides = TINY + ["method=bp", f"model.split=[{','.join(split)}]", "data.augment=false", "threads_per_worker=1"]
+    serial = run_training(load_experiment(None, overrides + ["pipeline.microbatches=4"]), run_dir=tmp_path / "serial")
+    piped = overrides + ["pipeline.microbatches=4", f"pipeline.schedule={schedule}", "runtime=distributed"]
+    dist = run_training(load_experiment(None, piped), run_dir=tmp_path / "dist")
+    whole = run_training(load_experiment(None, overrides + ["runtime=distributed"]), run_dir=tmp_path / "whole")
+    a, b, c = group_params(serial.run_dir), group_params(dist.run_dir), group_params(whole.run_dir)
+    for x, y in zip(a, b, strict=True):
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4)
+    assert max(float((x - z).abs().max()) for x, z in zip(a, c, strict=True)) > 1e-3
+    assert serial.rows[-1]["train_loss"] == pytest.approx(dist.rows[-1]["train_loss"], rel=1e-5)
+    piped_workers = read_rows(dist.run_dir / "workers.csv")
+    assert [w["bytes_sent"] for w in piped_workers] == [
+        w["bytes_sent"] for w in read_rows(whole.run_dir / "workers.csv")
+    ]
+    assert all(w["compute_s"] > 0 and w["wait_s"] >= 0 for w in piped_workers)
+
+
 @pytest.mark.parametrize(
     "method, split",
     [("penalty", ["conv2"]), ("al", ["conv1", "fc1"])],  # fc1's output is not spatial: sent unfiltered
@@ -202,19 +225,26 @@ def test_bench_measures_every_configuration(tmp_path):
         steps=3,
         warmup=1,
         repeats=2,
+        schedules=["gpipe"],
+        microbatches=[2],
         out_dir=tmp_path,
     )
     assert list(frame["config"]) == [
         "bp 1 worker, 1 thread",
         f"bp 1 worker, {os.cpu_count()} threads",
         "bp model-parallel, 2 workers",
+        "bp gpipe M=2, 2 workers",
+        "bp gpipe M=2, 2 workers, torch.distributed.pipelining alone",
         "lct 2 workers, pipelined",
     ]
+    best = frame[frame["config"].str.startswith("bp ")]["samples_per_s"].max()
+    assert (frame["speedup_vs_best_bp"] == (frame["samples_per_s"] / best).round(3)).all()
     assert (frame["samples_per_s"] > 0).all() and (frame["spread"] >= 0).all()
     assert set(frame["noisy"]) <= {"", "noisy"} and ((frame["spread"] > 0.1) == (frame["noisy"] == "noisy")).all()
-    assert frame["cut"].iloc[2] == frame["cut"].iloc[3] != "-"  # one cut (measured once) for every K-worker row
+    assert frame["cut"].iloc[2] == frame["cut"].iloc[5] != "-"  # one cut (measured once) for every K-worker row
     per_sample = {"conv1": 32 * 14 * 14 * 4, "conv2": 64 * 7 * 7 * 4, "conv3": 128 * 3 * 3 * 4, "fc1": 256 * 4}
     activation = per_sample[frame["cut"].iloc[2]]  # the cut's output per sample
     assert frame["bytes_per_sample"].iloc[2] == 2 * activation  # bp: activations forward, gradients back
-    assert frame["bytes_per_sample"].iloc[3] == activation + 4  # lct: activations forward, one loss back
+    assert frame["bytes_per_sample"].iloc[3] == frame["bytes_per_sample"].iloc[4] == 2 * activation  # micro-batched
+    assert frame["bytes_per_sample"].iloc[5] == activation + 4  # lct: activations forward, one loss back
     assert list(tmp_path.glob("*cnn-small-k2.csv")) and list(tmp_path.glob("*cnn-small-k2.md"))

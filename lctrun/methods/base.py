@@ -51,6 +51,8 @@ class Wire:
     feedback_shape: tuple[int, ...] | None  # the backward message from group k+1; None: no feedback
     depth: int  # batches in flight before the stage must take the oldest batch's feedback
     order: str = "forward"  # forward: group k steps a batch first; backward: group k+1 does (see above)
+    microbatches: int = 1  # bp: train_step runs per micro-batch, one update per batch (Stage.begin_microbatch)
+    schedule: str = "none"  # bp: the torch.distributed.pipelining schedule of the micro-batches across workers
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,23 @@ class Stage:
         self.sched = make_scheduler(self.opt, ctx.cfg.optim, ctx.cfg.epochs, ctx.steps_per_epoch)
         self.pending: deque = deque()  # per-batch state kept until that batch's feedback arrives
         self.steps = 0
+        self.microbatch, self.microbatches = 0, 1  # which part of the batch the next train_step is
+
+    def begin_microbatch(self, i: int, n: int) -> None:
+        """The next train_step (and its feedback) is micro-batch i of n of one batch: the gradients of the n
+        add up (each loss weighted 1/n, so the sum is the batch's mean-loss gradient) and the group updates once,
+        after the last."""
+        self.microbatch, self.microbatches = i, n
+
+    def zero_grad(self) -> None:
+        if self.microbatch == 0:
+            self.opt.zero_grad(set_to_none=True)
+
+    def update(self) -> None:
+        """Step the group (its optimiser and schedule) once the batch's last micro-batch is in."""
+        if self.microbatch == self.microbatches - 1:
+            self.optimizer_step()
+            self.steps += 1
 
     # -- training -------------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOut:
@@ -132,10 +151,9 @@ class Stage:
         x_in = x.requires_grad_(send_back == "grad" and not self.ctx.first)
         logits = self.group(x_in)
         losses = per_sample_loss(logits, y)
-        self.opt.zero_grad(set_to_none=True)
-        losses.mean().backward()
-        self.optimizer_step()
-        self.steps += 1
+        self.zero_grad()
+        (losses.mean() / self.microbatches).backward()  # / 1 is exact: unchanged without micro-batches
+        self.update()
         back = {"grad": x_in.grad, "loss": losses.detach(), None: None}[send_back]
         metrics = classification_metrics(logits, y, losses)
         return StepOut(None, None if self.ctx.first else back, metrics)

@@ -2,14 +2,21 @@
 
 Model-parallel bp sends activations forward and gradients backward: group k waits for group k+1's
 gradient before it can update (backprop locking). It computes exactly the update of the whole model.
+
+Micro-batched bp (pipeline.microbatches=M) splits each batch into M parts and updates once from their
+summed gradients (BatchNorm normalises each part on its own). Across workers, a torch.distributed.pipelining
+schedule (pipeline.schedule=gpipe|1f1b, runtime/pipelined.py) runs the parts so that the groups overlap:
+the practitioner's pipelined backprop, and the baseline the local methods' speed is measured against.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
-from lctrun.methods.base import Method, Stage, StageContext, StepOut
+from lctrun.methods.base import Method, Stage, StageContext, StepOut, Wire
 
 
 class BPStage(Stage):
@@ -23,10 +30,9 @@ class BPStage(Stage):
 
     def feedback(self, grad: torch.Tensor) -> torch.Tensor | None:
         x_in, h = self.pending.popleft()
-        self.opt.zero_grad(set_to_none=True)
-        h.backward(grad)
-        self.optimizer_step()
-        self.steps += 1
+        self.zero_grad()
+        h.backward(grad)  # group k+1's gradient already carries the micro-batch's 1/n weight
+        self.update()
         return x_in.grad
 
 
@@ -39,3 +45,7 @@ class Backprop(Method):
 
     def make_stage(self, group: nn.Module, ctx: StageContext) -> Stage:
         return BPStage(group, ctx)
+
+    def wire(self, ctx: StageContext) -> Wire:
+        pipe = ctx.cfg.pipeline
+        return replace(super().wire(ctx), microbatches=pipe.microbatches, schedule=pipe.schedule)

@@ -57,6 +57,12 @@ def update_norm(stage, before: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"update_norm": (parameters_of(stage) - before).norm()}
 
 
+def microbatch_count(batch_size: int, microbatches: int) -> int:
+    """How many equal parts a batch splits into: M, or for a smaller last batch the largest divisor of its size
+    below M (equal parts keep every part's weight 1/n and the pipelines' message shapes fixed)."""
+    return max(d for d in range(1, min(microbatches, batch_size) + 1) if batch_size % d == 0)
+
+
 def stage_prefix(k: int, num_groups: int) -> str:
     """Metrics of the last group are the model's own; the others are prefixed with their group."""
     return "" if k == num_groups - 1 else f"g{k + 1}_"

@@ -55,6 +55,11 @@ class DistributedRuntime:
         self.checkpoint_tag = f".rank{self.rank}"  # one checkpoint file per worker
         self.stop_signals = (signal.SIGUSR1,)  # from the launcher; SIGTERM still ends a worker at once
         self.fault = InjectedFault.from_env(self.rank)
+        self.pipeline = None  # bp under a micro-batch schedule: the schedule moves the step's messages
+        if stage.wire.schedule != "none":
+            from lctrun.runtime.pipelined import MicrobatchPipeline  # torch.distributed.pipelining loads slowly
+
+            self.pipeline = MicrobatchPipeline(stage, self.rank, self.world, shapes[self.rank], self.channel)
 
     # -- training -------------------------------------------------------------------------------
     def _input(self, batch, tag: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -115,7 +120,7 @@ class DistributedRuntime:
         last_first = wire.order == "backward"
         # batch sizes still owed a message: feedback from worker k+1, or (last_first) worker k-1's forward one
         waiting: deque[int] = deque()
-        owed = not self.first if last_first else wire.feedback_shape is not None
+        owed = not self.first if last_first else wire.feedback_shape is not None and not self.pipeline
         settle = self._store_input if last_first else self._take_feedback
         lag = wire.depth if last_first else wire.depth - 1  # batches that may stay owed after a step
         run, stopped, self.stop_at = EpochProgress(loader, partial, [parameters_of(self.stage)]), 0, None
@@ -129,20 +134,22 @@ class DistributedRuntime:
                     target = self.channel.recv((len(batch.y), *wire.feedback_shape), self.rank + 1, BACKWARD)
                     self.stage.feedback(target)
                 x = batch.x if self.first else None
+            elif self.pipeline:
+                x = batch.x if self.first else None
             else:
                 x = self._input(batch, FORWARD, wire.in_shape)
             y = batch.y.to(self.stage.device, non_blocking=True)
             if not self.account:
                 with SavedTensors() as saved:
-                    out = self.stage.train_step(x, y, batch.idx)
+                    out = self._train_step(x, y, batch.idx)
                 self.account = {"activations_mb": round(saved.bytes / 2**20, 3)}
             else:
-                out = self.stage.train_step(x, y, batch.idx)
+                out = self._train_step(x, y, batch.idx)
             check_step(out.metrics, self.method.name, self.rank + 1, loader.epoch, step)
             add_metrics(run.total, out.metrics)
             if out.backward is not None and not self.first:
                 self.channel.send(out.backward, self.rank - 1, BACKWARD)
-            if not self.last:
+            if not self.last and not self.pipeline:
                 self.channel.send(out.forward, self.rank + 1, FORWARD)
             if last_first:
                 stops = self._stops_after_last_first(step, stop, len(loader), wire.depth)
@@ -187,6 +194,9 @@ class DistributedRuntime:
             add_metrics(merged, part, stage_prefix(k, self.world))
         self.worker_stats = [s for _, s in gathered]
         return averages(merged, run.samples)
+
+    def _train_step(self, x, y, idx):
+        return self.pipeline.step(x, y) if self.pipeline else self.stage.train_step(x, y, idx)
 
     def begin_epoch(self, plan: EpochPlan) -> None:
         self.stage.begin_epoch(plan)

@@ -18,6 +18,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from lctrun.errors import LctrunError
 
@@ -76,8 +77,8 @@ def run_processes(body, count: int, what: str = "worker", where="", console=None
             written = sorted(Path(tmp).glob("error-*.pkl"), key=lambda p: p.stat().st_mtime_ns)  # first failure first
             reports = [pickle.loads(p.read_bytes()) for p in written]
             rank, message, trace = root_cause(exit_codes, reports)
-            if trace and os.environ.get("LCTRUN_DEBUG") and console is not None:
-                console.print(trace, markup=False)
+            if trace and os.environ.get("LCTRUN_DEBUG"):
+                (console or Console(stderr=True)).print(trace, markup=False)
             name = f"worker {rank} (group {rank + 1})" if what == "worker" else what
             stopped = "" if count == 1 else f"; all {what}s stopped"
             raise LctrunError(f"{name} failed: {message}{stopped}{_text(where)}")

@@ -10,7 +10,16 @@ import torch
 from lctrun.data import TensorLoader
 from lctrun.methods import EpochPlan, Method, Stage
 from lctrun.runtime.accounting import SavedTensors, state_account
-from lctrun.runtime.base import EvalOutput, add_metrics, averages, check_step, parameters_of, stage_prefix, update_norm
+from lctrun.runtime.base import (
+    EvalOutput,
+    add_metrics,
+    averages,
+    check_step,
+    microbatch_count,
+    parameters_of,
+    stage_prefix,
+    update_norm,
+)
 from lctrun.runtime.faults import InjectedFault
 from lctrun.runtime.memory import PeakMemory
 from lctrun.runtime.stop import EpochProgress
@@ -35,8 +44,17 @@ class SerialRuntime:
         self.fault = InjectedFault.from_env(0)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, total: dict, where: tuple = (0, 0)) -> None:
-        K = len(self.stages)
         self.fault.tick()
+        n = microbatch_count(len(y), self.stages[0].wire.microbatches)
+        if n == 1:
+            return self.step_batch(x, y, idx, total, where)
+        for i, part in enumerate(zip(x.chunk(n), y.chunk(n), idx.chunk(n), strict=True)):
+            for stage in self.stages:
+                stage.begin_microbatch(i, n)
+            self.step_batch(*part, total, where)
+
+    def step_batch(self, x, y, idx, total: dict, where: tuple) -> None:
+        K = len(self.stages)
         if self.stages[0].wire.order == "backward":
             return self.step_last_first(x, y, idx, total, where)
         backward: list[torch.Tensor | None] = [None] * K

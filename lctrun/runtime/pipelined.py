@@ -1,0 +1,93 @@
+"""bp's micro-batches across the K workers under a torch.distributed.pipelining schedule (GPipe or 1F1B).
+
+The schedule moves the activations and gradients of the micro-batches itself. Its message shapes are given,
+not inferred: shape inference deadlocks on gloo in torch 2.14 (rank 1 blocks sending metadata during backward
+while rank 0 waits for its batch of sends). One schedule per batch size: a smaller last batch gets its own,
+with fewer micro-batches where M does not divide it (runtime.base.microbatch_count), and GPipe where that
+leaves 1F1B fewer micro-batches than workers (the same update, a different order).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+from lctrun.methods import Stage
+from lctrun.methods.base import StepOut, classification_metrics, per_sample_loss
+from lctrun.runtime.base import microbatch_count
+from lctrun.runtime.transport import Channel
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+class TimedStage(PipelineStage):
+    """A PipelineStage that adds up the seconds of its forward and backward chunks: the worker's compute,
+    so that the rest of a step is waiting for (or sending to) its neighbours."""
+
+    compute_s = 0.0
+
+    def forward_one_chunk(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return super().forward_one_chunk(*args, **kwargs)
+        finally:
+            self.compute_s += time.perf_counter() - start
+
+    def backward_one_chunk(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return super().backward_one_chunk(*args, **kwargs)
+        finally:
+            self.compute_s += time.perf_counter() - start
+
+
+def mean_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return per_sample_loss(logits, y).mean()
+
+
+class MicrobatchPipeline:
+    """One training step of worker `rank`'s bp stage: the schedule's forward and backward of every micro-batch
+    (gradients scaled by 1/n, as Stage.begin_microbatch weights them), then the group's one update."""
+
+    def __init__(self, stage: Stage, rank: int, world: int, shapes: tuple, channel: Channel):
+        self.stage, self.rank, self.world, self.channel = stage, rank, world, channel
+        self.first, self.last = rank == 0, rank == world - 1
+        self.in_shape, self.out_shape = shapes
+        self.kind, self.microbatches = stage.wire.schedule, stage.wire.microbatches
+        self.schedules: dict[int, tuple] = {}
+
+    def _schedule(self, batch_size: int, in_dtype: torch.dtype):
+        if batch_size not in self.schedules:
+            n = microbatch_count(batch_size, self.microbatches)
+            kind = self.kind if n >= self.world else "gpipe"
+            part = batch_size // n
+            # requires_grad says which messages carry a gradient back: the activations, not the data
+            inputs = torch.empty((part, *self.in_shape), dtype=in_dtype, device="meta", requires_grad=not self.first)
+            outputs = torch.empty((part, *self.out_shape), device="meta", requires_grad=True)
+            pstage = TimedStage(
+                self.stage.group, self.rank, self.world, self.stage.device, input_args=inputs, output_args=outputs
+            )
+            # every stage gets the loss: a schedule without one runs forward only
+            self.schedules[batch_size] = (SCHEDULES[kind](pstage, n, loss_fn=mean_loss), pstage)
+        return self.schedules[batch_size]
+
+    def step(self, x: torch.Tensor | None, y: torch.Tensor) -> StepOut:
+        # only worker 1 has the data: the others' inputs arrive as float activations
+        schedule, pstage = self._schedule(len(y), x.dtype if x is not None else torch.float32)
+        self.stage.zero_grad()
+        start, computed = time.perf_counter(), pstage.compute_s
+        if self.first:
+            logits = schedule.step(x.to(self.stage.device, non_blocking=True), target=y if self.last else None)
+        else:
+            logits = schedule.step(target=y if self.last else None)
+        waited = time.perf_counter() - start - (pstage.compute_s - computed)
+        self.stage.update()
+        # what the schedule moved, from the shapes it was given (fp32): activations forward, gradients back
+        moved = len(y) * 4 * (math.prod(self.out_shape) * (not self.last) + math.prod(self.in_shape) * (not self.first))
+        self.channel.add_counters({"bytes_sent": moved, "bytes_received": moved, "wait_s": waited})
+        if not self.last:
+            return StepOut()
+        return StepOut(metrics=classification_metrics(logits, y, per_sample_loss(logits.detach(), y)))
