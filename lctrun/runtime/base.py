@@ -7,8 +7,6 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from lctrun.errors import LctrunError
-
 
 @runtime_checkable
 class Runtime(Protocol):
@@ -39,12 +37,6 @@ class Runtime(Protocol):
 class EvalOutput:
     labels: torch.Tensor  # (N,)
     logits: list[torch.Tensor | None]  # per group: sub-model logits (None if the method has none); last = main
-
-
-def add_metrics(total: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor], prefix: str = "") -> None:
-    for key, value in metrics.items():
-        key = prefix + key
-        total[key] = total[key] + value.detach().cpu() if key in total else value.detach().cpu()
 
 
 def parameters_of(stage) -> torch.Tensor:
@@ -79,13 +71,3 @@ def averages(total: dict[str, torch.Tensor], samples: int) -> dict[str, float]:
         elif key != "n":
             out[key] = float(value)
     return out
-
-
-def check_step(metrics: dict[str, torch.Tensor], method: str, group: int, epoch: int, step: int) -> None:
-    """Stop at the first step whose loss (or constraint residual) is NaN/Inf, naming where it happened."""
-    for key, value in metrics.items():
-        if key.endswith(("loss", "residual")) and not bool(torch.isfinite(value).all()):
-            raise LctrunError(
-                f"training diverged: {key} is {float(value.sum())} in method {method}, group {group}, "
-                f"epoch {epoch}, step {step} (try a smaller optim.lr); the run directory keeps every finished epoch"
-            )

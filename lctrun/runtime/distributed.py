@@ -29,12 +29,12 @@ from lctrun.config import Experiment
 from lctrun.data import TensorLoader
 from lctrun.errors import ConfigError
 from lctrun.methods import EpochPlan, Method, Stage
-from lctrun.runtime.accounting import SavedTensors, state_account
-from lctrun.runtime.base import EvalOutput, add_metrics, averages, check_step, parameters_of, stage_prefix, update_norm
+from lctrun.runtime.accounting import state_account
+from lctrun.runtime.base import EvalOutput, averages, parameters_of, stage_prefix, update_norm
 from lctrun.runtime.faults import InjectedFault
+from lctrun.runtime.loop import EpochProgress, add_metrics, train_pass
 from lctrun.runtime.memory import PeakMemory
 from lctrun.runtime.processes import run_processes
-from lctrun.runtime.stop import EpochProgress
 from lctrun.runtime.transport import BACKWARD, EVAL, FORWARD, Channel
 
 STOP_CHECK_EVERY = 8
@@ -110,68 +110,75 @@ class DistributedRuntime:
                 self.stop_at = asked + margin
         return self.stop_at == step
 
+    # -- one training pass (runtime/loop.py runs it) -------------------------------------------------
     def train_epoch(self, loader: TensorLoader, on_batch=None, stop=None, partial=None) -> dict[str, float]:
         """One pass over `loader`; `partial` continues a pass that `stop` ended early (an EpochInterrupted's).
 
         A stop drains the pipeline like an epoch end, so with pipeline depth > 1 the resumed run equals an
         uninterrupted one only up to where the feedback of the last steps is applied."""
+        return train_pass(self, loader, on_batch, stop, partial)
+
+    def start_params(self) -> list[torch.Tensor]:
+        return [parameters_of(self.stage)]
+
+    def begin_pass(self, run: EpochProgress, partial: dict | None) -> None:
         self.stage.train(True)
         wire = self.stage.wire
-        last_first = wire.order == "backward"
+        self.last_first = wire.order == "backward"
         # batch sizes still owed a message: feedback from worker k+1, or (last_first) worker k-1's forward one
-        waiting: deque[int] = deque()
-        owed = not self.first if last_first else wire.feedback_shape is not None and not self.pipeline
-        settle = self._store_input if last_first else self._take_feedback
-        lag = wire.depth if last_first else wire.depth - 1  # batches that may stay owed after a step
-        run, stopped, self.stop_at = EpochProgress(loader, partial, [parameters_of(self.stage)]), 0, None
-        self.first_step = run.first_step  # a resumed pass asks from here on, on every worker
+        self.waiting: deque[int] = deque()
+        if self.last_first:
+            self.owed, self.settle, self.lag = not self.first, self._store_input, wire.depth
+        else:  # lag: batches that may stay owed after a step
+            self.owed, self.settle, self.lag = (
+                wire.feedback_shape is not None and not self.pipeline,
+                self._take_feedback,
+                wire.depth - 1,
+            )
+        self.stop_at, self.first_step = None, run.first_step  # a resumed pass asks from here on, on every worker
         if partial and "counters" in partial:  # the traffic and waiting before the stop belong to this row too
             self.channel.add_counters(partial["counters"])
-        for step, batch in run.steps():
-            self.fault.tick()
-            if last_first:
-                if not self.last:
-                    target = self.channel.recv((len(batch.y), *wire.feedback_shape), self.rank + 1, BACKWARD)
-                    self.stage.feedback(target)
-                x = batch.x if self.first else None
-            elif self.pipeline:
-                x = batch.x if self.first else None
-            else:
-                x = self._input(batch, FORWARD, wire.in_shape)
-            y = batch.y.to(self.stage.device, non_blocking=True)
-            if not self.account:
-                with SavedTensors() as saved:
-                    out = self._train_step(x, y, batch.idx)
-                self.account = {"activations_mb": round(saved.bytes / 2**20, 3)}
-            else:
-                out = self._train_step(x, y, batch.idx)
-            check_step(out.metrics, self.method.name, self.rank + 1, loader.epoch, step)
-            add_metrics(run.total, out.metrics)
-            if out.backward is not None and not self.first:
-                self.channel.send(out.backward, self.rank - 1, BACKWARD)
-            if not self.last and not self.pipeline:
-                self.channel.send(out.forward, self.rank + 1, FORWARD)
-            if last_first:
-                stops = self._stops_after_last_first(step, stop, len(loader), wire.depth)
-            else:
-                stops = self._stops_after(step, stop, len(loader))
-            if owed:
-                waiting.append(len(batch.y))
-                while len(waiting) > lag:
-                    settle(waiting.popleft())
-            run.samples += len(batch.y)
-            if on_batch:
-                on_batch()
-            if stops:
-                stopped = step
-                break
-        while waiting:
-            settle(waiting.popleft())
+
+    def run_step(self, batch, step: int) -> dict[str, torch.Tensor]:
+        """Take this worker's input (or, last_first, its feedback), step, send both ways, settle what is owed."""
+        wire = self.stage.wire
+        if self.last_first:
+            if not self.last:
+                target = self.channel.recv((len(batch.y), *wire.feedback_shape), self.rank + 1, BACKWARD)
+                self.stage.feedback(target)
+            x = batch.x if self.first else None
+        elif self.pipeline:
+            x = batch.x if self.first else None
+        else:
+            x = self._input(batch, FORWARD, wire.in_shape)
+        y = batch.y.to(self.stage.device, non_blocking=True)
+        out = self.pipeline.step(x, y) if self.pipeline else self.stage.train_step(x, y, batch.idx)
+        if out.backward is not None and not self.first:
+            self.channel.send(out.backward, self.rank - 1, BACKWARD)
+        if not self.last and not self.pipeline:
+            self.channel.send(out.forward, self.rank + 1, FORWARD)
+        if self.owed:
+            self.waiting.append(len(batch.y))
+            while len(self.waiting) > self.lag:
+                self.settle(self.waiting.popleft())
+        return out.metrics
+
+    def stops_after(self, step: int, stop, steps: int) -> bool:
+        if self.last_first:
+            return self._stops_after_last_first(step, stop, steps, self.stage.wire.depth)
+        return self._stops_after(step, stop, steps)
+
+    def end_pass(self, stopped: bool) -> dict:
+        while self.waiting:
+            self.settle(self.waiting.popleft())
         self.channel.flush()
-        if stopped:
-            interrupted = run.interrupted(stopped)
-            interrupted.partial["counters"] = self.channel.take_counters()
-            raise interrupted
+        return {"counters": self.channel.take_counters()} if stopped else {}
+
+    def group_of(self, key: str) -> int:
+        return self.rank + 1
+
+    def finish_pass(self, run: EpochProgress) -> dict[str, float]:
+        """This worker's statistics, and every worker's sums gathered and merged on the main one."""
         add_metrics(run.total, update_norm(self.stage, run.params[0]))
         seconds = run.seconds
         stats = {
@@ -185,8 +192,9 @@ class DistributedRuntime:
             **self.account,
         }
         stats["compute_s"] = round(seconds - stats["wait_s"], 3)
+        total = {key: value.cpu() for key, value in run.total.items()}
         gathered = [None] * self.world if self.is_main else None
-        dist.gather_object((run.total, stats), gathered, dst=0)
+        dist.gather_object((total, stats), gathered, dst=0)
         if not self.is_main:
             return {}
         merged: dict[str, torch.Tensor] = {}
@@ -194,9 +202,6 @@ class DistributedRuntime:
             add_metrics(merged, part, stage_prefix(k, self.world))
         self.worker_stats = [s for _, s in gathered]
         return averages(merged, run.samples)
-
-    def _train_step(self, x, y, idx):
-        return self.pipeline.step(x, y) if self.pipeline else self.stage.train_step(x, y, idx)
 
     def begin_epoch(self, plan: EpochPlan) -> None:
         self.stage.begin_epoch(plan)

@@ -9,20 +9,11 @@ import torch
 
 from lctrun.data import TensorLoader
 from lctrun.methods import EpochPlan, Method, Stage
-from lctrun.runtime.accounting import SavedTensors, state_account
-from lctrun.runtime.base import (
-    EvalOutput,
-    add_metrics,
-    averages,
-    check_step,
-    microbatch_count,
-    parameters_of,
-    stage_prefix,
-    update_norm,
-)
+from lctrun.runtime.accounting import state_account
+from lctrun.runtime.base import EvalOutput, averages, microbatch_count, parameters_of, stage_prefix, update_norm
 from lctrun.runtime.faults import InjectedFault
+from lctrun.runtime.loop import EpochProgress, add_metrics, train_pass
 from lctrun.runtime.memory import PeakMemory
-from lctrun.runtime.stop import EpochProgress
 
 
 def to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -39,29 +30,44 @@ class SerialRuntime:
     def __init__(self, method: Method, stages: list[Stage]):
         self.method, self.stages = method, stages
         self.memory = PeakMemory(stages[0].device)
-        self.account: list[dict[str, float]] = []
+        self.account: dict[str, float] = {}
         self.worker_stats: list[dict] = []
         self.fault = InjectedFault.from_env(0)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, total: dict, where: tuple = (0, 0)) -> None:
-        self.fault.tick()
-        n = microbatch_count(len(y), self.stages[0].wire.microbatches)
+    # -- one training pass (runtime/loop.py runs it) -------------------------------------------------
+    def train_epoch(
+        self, loader: TensorLoader, on_batch: Callable[[], None] | None = None, stop=None, partial: dict | None = None
+    ) -> dict[str, float]:
+        return train_pass(self, loader, on_batch, stop, partial)
+
+    def start_params(self) -> list[torch.Tensor]:
+        return [parameters_of(s) for s in self.stages]
+
+    def begin_pass(self, run: EpochProgress, partial: dict | None) -> None:
+        for stage in self.stages:
+            stage.train(True)
+
+    def run_step(self, batch, step: int) -> dict[str, torch.Tensor]:
+        metrics: dict[str, torch.Tensor] = {}
+        n = microbatch_count(len(batch.y), self.stages[0].wire.microbatches)
         if n == 1:
-            return self.step_batch(x, y, idx, total, where)
-        for i, part in enumerate(zip(x.chunk(n), y.chunk(n), idx.chunk(n), strict=True)):
+            self.step_batch(batch.x, batch.y, batch.idx, metrics)
+            return metrics
+        for i, part in enumerate(zip(batch.x.chunk(n), batch.y.chunk(n), batch.idx.chunk(n), strict=True)):
             for stage in self.stages:
                 stage.begin_microbatch(i, n)
-            self.step_batch(*part, total, where)
+            self.step_batch(*part, metrics)
+        return metrics
 
-    def step_batch(self, x, y, idx, total: dict, where: tuple) -> None:
+    def step_batch(self, x, y, idx, metrics: dict) -> None:
+        """Every stage's step on one batch (or micro-batch), their metrics added to `metrics`."""
         K = len(self.stages)
         if self.stages[0].wire.order == "backward":
-            return self.step_last_first(x, y, idx, total, where)
+            return self.step_last_first(x, y, idx, metrics)
         backward: list[torch.Tensor | None] = [None] * K
         for k, stage in enumerate(self.stages):
             out = stage.train_step(to(x, stage.device), to(y, stage.device), idx)
-            check_step(out.metrics, self.method.name, k + 1, *where)
-            add_metrics(total, out.metrics, stage_prefix(k, K))
+            add_metrics(metrics, out.metrics, stage_prefix(k, K))
             backward[k], x = out.backward, out.forward
         for k in range(K - 2, -1, -1):
             if self.stages[k].wire.feedback_shape is not None:
@@ -69,7 +75,7 @@ class SerialRuntime:
                 if deferred is not None:
                     backward[k] = deferred
 
-    def step_last_first(self, x, y, idx, total: dict, where: tuple) -> None:
+    def step_last_first(self, x, y, idx, metrics: dict) -> None:
         """A batch of a wire with order="backward": group K steps first, each group's backward message is
         group k-1's feedback for this batch, and the forward messages are stored afterwards."""
         K, target = len(self.stages), None
@@ -79,31 +85,22 @@ class SerialRuntime:
             if k < K - 1:
                 stage.feedback(to(target, stage.device))
             out = stage.train_step(to(x, stage.device) if k == 0 else None, to(y, stage.device), idx)
-            check_step(out.metrics, self.method.name, k + 1, *where)
-            add_metrics(total, out.metrics, stage_prefix(k, K))
+            add_metrics(metrics, out.metrics, stage_prefix(k, K))
             target, forward[k] = out.backward, out.forward
         for k in range(1, K):
             self.stages[k].store_input(to(forward[k - 1], self.stages[k].device))
 
-    def train_epoch(
-        self, loader: TensorLoader, on_batch: Callable[[], None] | None = None, stop=None, partial: dict | None = None
-    ) -> dict[str, float]:
-        """One pass over `loader`; `partial` continues a pass stopped by `stop` (an EpochInterrupted's)."""
-        for stage in self.stages:
-            stage.train(True)
-        run = EpochProgress(loader, partial, [parameters_of(s) for s in self.stages])
-        for step, batch in run.steps():
-            if not self.account:
-                with SavedTensors() as saved:
-                    self.step(batch.x, batch.y, batch.idx, run.total, (loader.epoch, step))
-                self.account = [{"activations_mb": round(saved.bytes / 2**20, 3)}]
-            else:
-                self.step(batch.x, batch.y, batch.idx, run.total, (loader.epoch, step))
-            run.samples += len(batch.y)
-            if on_batch:
-                on_batch()
-            if stop and step < len(loader):
-                raise run.interrupted(step)
+    def stops_after(self, step: int, stop, steps: int) -> bool:
+        return bool(stop) and step < steps
+
+    def end_pass(self, stopped: bool) -> dict:
+        return {}
+
+    def group_of(self, key: str) -> int:
+        prefix = key.split("_", 1)[0]
+        return int(prefix[1:]) if prefix[:1] == "g" and prefix[1:].isdigit() else len(self.stages)
+
+    def finish_pass(self, run: EpochProgress) -> dict[str, float]:
         for k, stage in enumerate(self.stages):
             add_metrics(run.total, update_norm(stage, run.params[k]), stage_prefix(k, len(self.stages)))
         seconds = round(run.seconds, 3)
@@ -121,7 +118,7 @@ class SerialRuntime:
                 "compute_s": seconds,
                 "peak_mem_mb": round(self.memory.peak_bytes() / 2**20, 1),
                 **{key: round(sum(s[key] for s in state), 3) for key in state[0]},
-                **self.account[0],
+                **self.account,
             }
         ]
         return averages(run.total, run.samples)

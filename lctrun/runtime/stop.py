@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 
 
 class StopRequest:
@@ -44,31 +43,3 @@ class EpochInterrupted(Exception):
     def __init__(self, partial: dict):
         super().__init__(f"stopped after step {partial['step']}")
         self.partial = partial
-
-
-class EpochProgress:
-    """A runtime's running sums over one pass of a loader: what a stop saves and a resume continues."""
-
-    def __init__(self, loader, partial: dict | None = None, params: list | None = None):
-        self.loader = loader
-        self.params = partial.get("params") if partial else params  # each group's parameters at the epoch's start
-        self.total: dict = dict(partial["total"]) if partial else {}
-        self.samples = partial["samples"] if partial else 0
-        self.start = time.perf_counter() - (partial["seconds"] if partial else 0.0)
-        self.first_step = partial["step"] + 1 if partial else 1
-        if partial:
-            loader.resume_at(partial["position"])
-
-    def steps(self):
-        """(step, batch) from where the pass stands, steps numbered from 1 at the epoch's start."""
-        return enumerate(self.loader, self.first_step)
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.start
-
-    def interrupted(self, step: int) -> EpochInterrupted:
-        """The stop after `step`, carrying what `EpochProgress(loader, partial)` needs to go on."""
-        partial = {"step": step, "total": self.total, "samples": self.samples, "seconds": self.seconds}
-        partial["params"] = self.params
-        return EpochInterrupted({**partial, "position": self.loader.position(step)})
