@@ -28,6 +28,7 @@ from rich.console import Console
 
 from lctrun.config import load_experiment
 from lctrun.data import TensorLoader
+from lctrun.prepared import begin_epoch
 from lctrun.reporting.rundir import git_commit, hardware_tag
 from lctrun.reporting.tables import rich_table, write_table
 from lctrun.runtime.distributed import spawn_workers
@@ -49,8 +50,6 @@ class BenchJob:
             return TensorLoader(
                 d.train_x[part], d.train_y[part], batch, shuffle=True, device=device, load_x=runtime.needs_inputs
             )
-
-        from lctrun.train import begin_epoch
 
         warmup = loader(0, self.warmup)
         begin_epoch(p, runtime, 1, warmup)  # penalty / al: their first parallel epoch, refreshed (not timed)

@@ -36,9 +36,7 @@ def run_training(
             f"add runtime=distributed (one process per group), or run without torchrun"
         )
     if cfg.runtime == "distributed":
-        from lctrun.runtime.distributed import launch
-
-        return launch(cfg, run_dir=run_dir, resume=resume, console=console)
+        return launch_distributed(cfg, run_dir=run_dir, resume=resume, console=console)
     if isolated:
         from lctrun.reporting.rundir import default_run_dir
         from lctrun.runtime.processes import run_processes
@@ -46,6 +44,30 @@ def run_training(
         run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
         return run_processes(IsolatedRun(cfg, run_dir, resume), 1, "run", lambda: resume_hint(run_dir), console)
     return train(cfg, run_dir=run_dir, resume=resume, console=console)
+
+
+@dataclass
+class TrainJob:
+    """What each distributed worker runs once its stage is built: the training loop, on its runtime."""
+
+    run_dir: Path | None
+    resume: bool
+
+    def __call__(self, p, runtime, console):
+        return train(p.cfg, self.run_dir, self.resume, console, runtime=runtime, prepared=p)
+
+
+def launch_distributed(cfg: Experiment, run_dir: Path | None = None, resume: bool = False, console=None):
+    """The distributed runtime: this process is one worker under torchrun, else one local process per group."""
+    from lctrun.reporting.rundir import default_run_dir
+    from lctrun.runtime.distributed import run_worker, spawn_workers
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        return run_worker(cfg, rank, world, local_rank, "env://", TrainJob(run_dir, resume))
+    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+    return spawn_workers(cfg, TrainJob(run_dir, resume), where=lambda: resume_hint(run_dir), console=console)
 
 
 @dataclass

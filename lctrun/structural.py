@@ -335,10 +335,10 @@ def evaluate_submodels(groups: list[nn.Module], auxes: list[nn.Module | None], l
 def structural_report(p, runtime, test_loader: TensorLoader, run_dir: Path, thresholds: list[float]):
     """At the end of a serial run: evaluate sub-models (BP with K > 1: probe heads trained first on the same
     cuts), build the three tables, write submodels/ensembles/progressive .csv (+ .md) into run_dir and
-    return them as {name: rows}. A runtime without `stages` (distributed) is evaluated as is (no probe
+    return them as {name: rows}. A runtime that holds one group only (distributed) is evaluated as is (no probe
     heads) and costed with `fresh_costs`; only its main process writes and returns tables."""
-    stages = getattr(runtime, "stages", None)
-    if stages is None:  # distributed: logits gathered on rank 0, costs from freshly built modules
+    stages = runtime.stages
+    if len(stages) < len(p.groups):  # distributed: logits gathered on rank 0, costs from freshly built modules
         out = runtime.evaluate(test_loader)
         if not runtime.is_main or out is None:
             return {}

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lctrun.config import load_experiment
-from lctrun.train import make_serial_runtime, prepare, train
+from lctrun.prepared import make_serial_runtime, prepare
+from lctrun.train import train
 
 
 def small(overrides, **kw):
@@ -25,7 +26,7 @@ def params_after(cfg, steps=3):
     runtime = make_serial_runtime(p)
     loader_x, loader_y = p.data.train_x[: 16 * steps], p.data.train_y[: 16 * steps]
     for i in range(steps):
-        runtime.step(loader_x[i * 16 : (i + 1) * 16], loader_y[i * 16 : (i + 1) * 16], torch.arange(16), {})
+        runtime.step_batch(loader_x[i * 16 : (i + 1) * 16], loader_y[i * 16 : (i + 1) * 16], torch.arange(16), {})
     return torch.cat([q.detach().flatten() for s in runtime.stages for q in s.group.parameters()])
 
 
@@ -62,6 +63,8 @@ def test_schedules_advance_every_step():
     runtime = make_serial_runtime(p)
     lrs = []
     for i in range(4):  # 64 samples / 16 = 4 steps per epoch, 8 in all
-        runtime.step(p.data.train_x[i * 16 : (i + 1) * 16], p.data.train_y[i * 16 : (i + 1) * 16], torch.arange(16), {})
+        runtime.step_batch(
+            p.data.train_x[i * 16 : (i + 1) * 16], p.data.train_y[i * 16 : (i + 1) * 16], torch.arange(16), {}
+        )
         lrs.append(runtime.lr)
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(cfg.optim.lr * 0.5)

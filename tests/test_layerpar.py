@@ -14,8 +14,8 @@ from lctrun.launch import run_training
 from lctrun.methods import get_method
 from lctrun.models import MODELS, ModelSpec
 from lctrun.models.cnn import cnn_small
+from lctrun.prepared import begin_epoch, make_loaders, make_serial_runtime, prepare
 from lctrun.reporting.rundir import read_rows
-from lctrun.train import begin_epoch, make_loaders, make_serial_runtime, prepare
 
 TINY = [
     "data.name=fake",
@@ -179,7 +179,7 @@ def group_update(overrides, method):
     begin_epoch(p, runtime, 1, loader)
     b = next(iter(loader))
     before = flat(runtime.stages[0].group)
-    runtime.step(b.x, b.y, b.idx, {})
+    runtime.step_batch(b.x, b.y, b.idx, {})
     return flat(runtime.stages[0].group) - before
 
 
@@ -227,7 +227,7 @@ def test_al_target_uses_the_beta_in_force():
     take = first.feedback
     first.feedback = lambda msg: (seen.append(msg.clone()), take(msg))[1]
     b = next(iter(loader))
-    runtime.step(b.x, b.y, b.idx, {})
+    runtime.step_batch(b.x, b.y, b.idx, {})
     torch.testing.assert_close(seen[0], second.lam[b.idx] + second.mu[b.idx] / 6.0)
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lctrun.config import load_experiment
-from lctrun.train import make_serial_runtime, prepare, train
+from lctrun.prepared import make_serial_runtime, prepare
+from lctrun.train import train
 
 TINY = [
     "data.name=fake",
@@ -27,7 +28,7 @@ def runtime_for(overrides):
 def steps(runtime, p, n=2):
     for i in range(n):
         sl = slice(i * 16, (i + 1) * 16)
-        runtime.step(p.data.train_x[sl], p.data.train_y[sl], torch.arange(16), {})
+        runtime.step_batch(p.data.train_x[sl], p.data.train_y[sl], torch.arange(16), {})
 
 
 def flat(module):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lctrun.config import load_experiment
-from lctrun.train import make_serial_runtime, prepare
+from lctrun.prepared import make_serial_runtime, prepare
 
 LR, AUX_LR = 0.1, 0.01
 TINY = [
@@ -43,7 +43,7 @@ def one_step(method, groups, extra=()):
         stage.train(True)
     before = [(copy.deepcopy(s.group), copy.deepcopy(s.aux)) for s in runtime.stages]
     x, y = p.data.train_x[:16], p.data.train_y[:16]
-    runtime.step(x, y, torch.arange(16), {})
+    runtime.step_batch(x, y, torch.arange(16), {})
     return before, runtime, x, y
 
 

@@ -95,12 +95,15 @@ def test_smoke_tables_run_end_to_end(tmp_path):
     assert "scale: **smoke**" in text and "commit" in text and "not a reproduction of that setting" in text
 
     speed = reproduce("lct-speed-memory", "smoke", tmp_path)
-    assert list(speed["workers"]) == [1, 2, 2, 4, 4]
+    assert list(speed["workers"]) == [1, 2, 2, 2, 2, 4, 4, 4, 4]
     assert (speed["speedup"] > 0).all()
+    bp = speed[speed["run"].str.startswith("bp")]
+    assert len(bp) == 7 and bp["speedup_vs_best_bp"].max() == pytest.approx(1)  # the fastest bp is the baseline
+    assert (speed["speedup_vs_best_bp"] <= speed["speedup"] + 1e-9).all()  # never easier than against bp 1 worker
     assert (speed["mb_sent_per_epoch"][1:] > 0).all() and speed.loc[0, "mb_sent_per_epoch"] == 0
     assert {"speedup.png", "memory.png"} <= {p.name for p in (tmp_path / "lct-speed-memory-smoke").iterdir()}
     csv = pd.read_csv(tmp_path / "lct-speed-memory-smoke" / "table.csv")
-    assert len(csv) == 5
+    assert len(csv) == 9
 
 
 def test_an_interrupted_reproduction_retrains_only_what_had_not_finished(tmp_path, monkeypatch):

@@ -12,7 +12,8 @@ from lctrun.data.text import EOS, UNK, load_corpus
 from lctrun.errors import DataNotFoundError
 from lctrun.methods import group_shapes
 from lctrun.models import build_model, split_groups
-from lctrun.train import make_loaders, make_serial_runtime, prepare, train
+from lctrun.prepared import make_loaders, make_serial_runtime, prepare
+from lctrun.train import train
 
 SUBJECTS = ["the cat", "the dog", "a bird"]
 VERBS = ["sat on", "ran to", "looked at"]

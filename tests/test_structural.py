@@ -11,6 +11,7 @@ from torch import nn
 
 from lctrun.config import load_experiment
 from lctrun.methods import group_shapes
+from lctrun.prepared import make_loaders, make_serial_runtime, prepare
 from lctrun.runtime.base import EvalOutput
 from lctrun.structural import (
     count_flops,
@@ -22,7 +23,7 @@ from lctrun.structural import (
     submodel_costs,
     submodel_rows,
 )
-from lctrun.train import make_loaders, make_serial_runtime, prepare, train
+from lctrun.train import train
 
 
 def small(overrides):
@@ -215,8 +216,9 @@ def test_structural_report_on_an_lct_run(tmp_path):
     assert high["flops_frac"] == pytest.approx(1 + sum(c["aux_flops"] for c in costs) / costs[-1]["flops"])
 
     # a runtime without stages (distributed, rank 0): the same tables from its EvalOutput and fresh costs
-    class Gathered:
+    class Gathered:  # the main worker of a distributed run: one stage here, every group's logits gathered
         is_main = True
+        stages = runtime.stages[:1]
 
         def evaluate(self, loader):
             return runtime.evaluate(loader)

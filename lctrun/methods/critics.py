@@ -71,11 +71,16 @@ def make_aux_optimizer(params, cfg: CriticConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def stashed_forward(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def stashed_forward(
+    module: nn.Module, x: torch.Tensor, pipelined: bool = True
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward through a copy of the module's weights (weight stashing).
 
     The graph then stays valid while the module itself is updated by earlier batches' feedback
-    (pipelining), and the gradient it yields is the one at the weights this batch saw."""
+    (pipelining), and the gradient it yields is the one at the weights this batch saw. Without pipelining
+    (a wire of depth 1) the feedback always comes before the next update: the live weights serve, uncopied."""
+    if not pipelined:
+        return module(x), dict(module.named_parameters())
     stash = {name: p.detach().clone().requires_grad_() for name, p in module.named_parameters()}
     return torch.func.functional_call(module, stash, (x,)), stash
 

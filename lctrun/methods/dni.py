@@ -30,7 +30,7 @@ class SynthesizerStage(Stage):
         x_in = x.requires_grad_(not self.ctx.first)
         h = self.group(x_in)
         h_synth = h.detach()
-        predicted, stash = stashed_forward(self.aux, h_synth)
+        predicted, stash = stashed_forward(self.aux, h_synth, pipelined=self.wire.depth > 1)
         self.opt.zero_grad(set_to_none=True)
         h.backward(predicted.detach() / len(h))
         self.optimizer_step()

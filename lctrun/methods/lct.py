@@ -62,7 +62,7 @@ class CriticStage(Stage):
         # The critic runs on a detached copy: its graph is kept (small) until l_{k+1} arrives, while
         # the group's graph is freed right after the group's own update.
         h_critic = h.detach().requires_grad_()
-        logits, stash = stashed_forward(self.aux, h_critic)
+        logits, stash = stashed_forward(self.aux, h_critic, pipelined=self.wire.depth > 1)
         losses = per_sample_loss(logits, y)
         (grad_h,) = torch.autograd.grad(losses.mean(), h_critic, retain_graph=True)
         self.opt.zero_grad(set_to_none=True)

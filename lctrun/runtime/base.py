@@ -19,6 +19,7 @@ class Runtime(Protocol):
     checkpoint_tag: str  # "" or ".rank<r>": this process's checkpoint files
     stop_signals: tuple  # the signals that ask this process for a stop between two steps
     worker_stats: list[dict]  # per worker, after train_epoch: compute/wait seconds, bytes, memory
+    stages: list  # the stages this process holds: every group's (serial) or this worker's one (distributed)
 
     def begin_epoch(self, plan: Any) -> None: ...  # the method's plan for the epoch (phase, wire)
     def refresh(self, loader: Any) -> None: ...  # a no-learning pass (penalty/al refresh)

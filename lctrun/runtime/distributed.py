@@ -19,7 +19,6 @@ import signal
 from collections import deque
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,7 +27,9 @@ from rich.console import Console
 from lctrun.config import Experiment
 from lctrun.data import TensorLoader
 from lctrun.errors import ConfigError
-from lctrun.methods import EpochPlan, Method, Stage
+from lctrun.methods import EpochPlan, Method, Stage, build_stage
+from lctrun.models.chain import group_split_names
+from lctrun.prepared import group_devices, prepare
 from lctrun.runtime.accounting import state_account
 from lctrun.runtime.base import EvalOutput, averages, parameters_of, stage_prefix, update_norm
 from lctrun.runtime.faults import InjectedFault
@@ -42,7 +43,7 @@ STOP_CHECK_EVERY = 8
 
 class DistributedRuntime:
     def __init__(self, method: Method, stage: Stage, shapes: list):
-        self.method, self.stage = method, stage
+        self.method, self.stage, self.stages = method, stage, [stage]
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.needs_inputs = self.rank == 0  # the other workers receive their inputs
@@ -277,10 +278,6 @@ def worker_device(cfg: Experiment, rank: int, local_rank: int) -> torch.device:
 
 def run_worker(cfg: Experiment, rank: int, world: int, local_rank: int, init_method: str, job):
     """Join the process group, build this worker's stage, and run `job(prepared, runtime, console)`."""
-    from lctrun.methods import build_stage
-    from lctrun.models.chain import group_split_names
-    from lctrun.train import group_devices, prepare
-
     device = worker_device(cfg, rank, local_rank)
     devices = [worker_device(cfg, r, r) for r in range(world)]
     # NCCL needs one rank per GPU; ranks that share a GPU, or run on CPU, talk over gloo.
@@ -322,17 +319,6 @@ def run_worker(cfg: Experiment, rank: int, world: int, local_rank: int, init_met
 
 
 @dataclass
-class TrainJob:
-    run_dir: Path | None
-    resume: bool
-
-    def __call__(self, p, runtime, console):
-        from lctrun.train import train
-
-        return train(p.cfg, self.run_dir, self.resume, console, runtime=runtime, prepared=p)
-
-
-@dataclass
 class WorkerBody:
     """What each spawned worker process runs: join the local process group, then the job."""
 
@@ -371,16 +357,3 @@ def spawn_workers(cfg: Experiment, job, where="", console: Console | None = None
         return run_processes(WorkerBody(cfg, world, store.port, job), world, "worker", where, console)
     finally:
         del store
-
-
-def launch(cfg: Experiment, run_dir: Path | None = None, resume: bool = False, console: Console | None = None):
-    """Train with the distributed runtime: in this process under torchrun, else one local process per group."""
-    from lctrun.checkpoints import resume_hint
-    from lctrun.reporting.rundir import default_run_dir
-
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        return run_worker(cfg, rank, world, local_rank, "env://", TrainJob(run_dir, resume))
-    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
-    return spawn_workers(cfg, TrainJob(run_dir, resume), where=lambda: resume_hint(run_dir), console=console)

@@ -52,3 +52,14 @@ class PeakMemory:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) - self.baseline
         return max(_status_kb("VmHWM") * 1024 - self.baseline, 0)
+
+
+class PeakMemoryOf:
+    """The peaks of several devices (a serial run's groups may sit on different GPUs), added up; the host
+    (CPU) once however many groups it holds."""
+
+    def __init__(self, devices: list[torch.device]):
+        self.meters = [PeakMemory(d) for d in dict.fromkeys(torch.device(d) for d in devices)]
+
+    def peak_bytes(self) -> int:
+        return sum(m.peak_bytes() for m in self.meters)

@@ -13,7 +13,7 @@ from lctrun.runtime.accounting import state_account
 from lctrun.runtime.base import EvalOutput, averages, microbatch_count, parameters_of, stage_prefix, update_norm
 from lctrun.runtime.faults import InjectedFault
 from lctrun.runtime.loop import EpochProgress, add_metrics, train_pass
-from lctrun.runtime.memory import PeakMemory
+from lctrun.runtime.memory import PeakMemoryOf
 
 
 def to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -29,7 +29,7 @@ class SerialRuntime:
 
     def __init__(self, method: Method, stages: list[Stage]):
         self.method, self.stages = method, stages
-        self.memory = PeakMemory(stages[0].device)
+        self.memory = PeakMemoryOf([s.device for s in stages])
         self.account: dict[str, float] = {}
         self.worker_stats: list[dict] = []
         self.fault = InjectedFault.from_env(0)
