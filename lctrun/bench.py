@@ -113,7 +113,7 @@ def account_mb(w: dict) -> float:
 
 
 def bench_configs(
-    methods: list[str], groups: int, cores: int, schedules=(), microbatches=(), batch: int = 128
+    methods: list[str], groups: int, cores: int, schedules=(), microbatches=(), batch: int = 128, depths=(2,)
 ) -> list[tuple[str, list[str]]]:
     """(label, overrides) per row; the row whose label ends in TORCH_ALONE runs TorchPipelineJob, not lctrun."""
     rows = [
@@ -138,7 +138,8 @@ def bench_configs(
         elif method in ("penalty", "al"):
             rows.append((f"{method} {groups} workers, parallel phase", [f"method={method}"]))
         else:
-            rows.append((f"{method} {groups} workers, pipelined", [f"method={method}"]))
+            for d in depths:
+                rows.append((f"{method} {groups} workers, depth {d}", [f"method={method}", f"pipeline_depth={d}"]))
     return rows
 
 
@@ -156,6 +157,7 @@ def check_bench_input(
     repeats: int = 1,
     schedules=(),
     microbatches=(),
+    depths=(),
 ) -> None:
     """What would otherwise fail minutes in, after the first configurations ran: one line now."""
     from lctrun.errors import ConfigError
@@ -170,6 +172,8 @@ def check_bench_input(
         raise ConfigError(f"--schedules {','.join(schedules)}: each must be gpipe or 1f1b")
     if any(m < 1 for m in microbatches):
         raise ConfigError(f"--microbatches must be >= 1, got {','.join(map(str, microbatches))}")
+    if any(d < 1 for d in depths):
+        raise ConfigError(f"--depths must be >= 1, got {','.join(map(str, depths))}")
     if repeats < 1:
         raise ConfigError(f"--repeats must be >= 1, got {repeats}")
     for method in methods:
@@ -197,7 +201,7 @@ def bench(
     steps: int = 20,
     warmup: int = 3,
     repeats: int = 3,
-    depth: int = 2,
+    depths: list[int] | tuple = (1, 2),
     schedules: list[str] | tuple = ("gpipe", "1f1b"),
     microbatches: list[int] | tuple = (2, 4, 8),
     device: str = "cpu",
@@ -218,7 +222,6 @@ def bench(
         "data.test_size=1",
         "runtime=distributed",
         f"devices=[{device}]",
-        f"pipeline_depth={depth}",
         "submodels=false",
         f"model.groups={groups}",
         "model.balance=time",
@@ -226,9 +229,9 @@ def bench(
     ]
     if split:
         base.append(f"model.split=[{','.join(split)}]")
-    check_bench_input(model, groups, steps, warmup, methods, split, shape, repeats, schedules, microbatches)
+    check_bench_input(model, groups, steps, warmup, methods, split, shape, repeats, schedules, microbatches, depths)
     rows, cut = [], split
-    for label, extra in bench_configs(methods, groups, cores, schedules, microbatches, batch):
+    for label, extra in bench_configs(methods, groups, cores, schedules, microbatches, batch, depths):
         on_k = "model.groups=1" not in extra
         cfg = load_experiment(None, base + extra + ([f"model.split=[{','.join(cut)}]"] if on_k and cut else []))
         job = BenchJob(warmup, steps)
@@ -260,6 +263,7 @@ def bench(
                 "spread": spread,
                 "noisy": "noisy" if spread > NOISY else "",
                 "ideal_samples_per_s": result["samples"] / critical,
+                "of_ideal": median * critical / result["samples"],
                 "peak_mem_mb_per_worker": "/".join(f"{w['peak_mem_mb']:.0f}" for w in workers),
                 "max_peak_mem_mb": max(w["peak_mem_mb"] for w in workers),
                 # analytic, allocator-independent: saved activations + parameters + gradients + optimiser state
@@ -284,7 +288,8 @@ def bench(
         f"# lctrun bench: {model}, K={groups}, batch {batch}, input {'x'.join(map(str, shape))} (fake data)\n\n"
         f"hardware: {tag}; device: {device}; {steps} timed steps after {warmup} warm-up, median of {repeats} "
         f"repeats in fresh processes (spread = (max - min) / median; 'noisy' above {NOISY:.0%}: do not trust "
-        f"its ratios); one cut for every K-worker row ({','.join(cut or []) or '-'}); pipeline_depth {depth}; "
+        f"its ratios); one cut for every K-worker row ({','.join(cut or []) or '-'}); local methods at "
+        f"pipeline_depth {', '.join(map(str, depths))} (depth 1: no batch in flight, overlap within a step only); "
         f"commit {git_commit()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', 'unset')}; "
         f"{time.strftime('%Y-%m-%d')}. Peak memory: per worker, above its own baseline after start-up. "
         f"The cut, unless given, balances measured time per block for the first K-worker row. "
@@ -305,6 +310,7 @@ def bench(
             "speedup_vs_bp_1t",
             f"speedup_vs_bp_{cores}t",
             "ideal_speedup_vs_bp_1t",
+            "of_ideal",
             "peak_mem_mb_per_worker",
             "mem_vs_bp_1t",
             "bytes_per_sample",
@@ -318,12 +324,16 @@ def bench(
         "x bp 1t",
         f"x bp {cores}t",
         "ideal x bp 1t",
+        "of ideal",
         "peak MB/worker",
         "mem/bp",
         "B/sample",
     ]
     console.print(rich_table(shown, title=header.splitlines()[0][2:]))
     console.print(f"x best bp: against {best['config']} ({best['samples_per_s']:.0f} samples/s), the fastest bp here")
-    console.print("ideal = samples / max per-worker compute time (the critical path with perfect overlap)")
+    console.print(
+        "ideal = samples / max per-worker compute time (the critical path with perfect overlap); "
+        "of ideal = measured / ideal"
+    )
     console.print(f"written: {', '.join(map(str, paths))}")
     return frame

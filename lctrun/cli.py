@@ -131,7 +131,7 @@ def bench(
     steps: int = typer.Option(20, help="Timed steps per configuration."),
     warmup: int = typer.Option(3, help="Warm-up steps, not timed."),
     repeats: int = typer.Option(3, help="Runs per configuration (fresh processes); the median is shown."),
-    depth: int = typer.Option(2, help="pipeline_depth of the local methods."),
+    depths: str = typer.Option("1,2", help="pipeline_depth of the local methods: one row per depth."),
     schedules: str = typer.Option("gpipe,1f1b", help="Pipelined bp rows (with bp in --methods); '' for none."),
     microbatches: str = typer.Option("2,4,8", help="Micro-batches M of the pipelined bp rows."),
     device: str = typer.Option("cpu", help="cpu or cuda (all workers share it)."),
@@ -148,8 +148,9 @@ def bench(
         raise ConfigError(f"--shape {shape!r} is not C,H,W integers (e.g. 3,32,32)") from None
     try:
         counts = [int(v) for v in microbatches.split(",") if v]
+        depth_list = [int(v) for v in depths.split(",") if v]
     except ValueError:
-        raise ConfigError(f"--microbatches {microbatches!r} is not comma-separated integers (e.g. 2,4,8)") from None
+        raise ConfigError("--microbatches and --depths are comma-separated integers (e.g. 2,4,8)") from None
     run_bench(
         model,
         groups,
@@ -160,7 +161,7 @@ def bench(
         steps,
         warmup,
         repeats,
-        depth,
+        depth_list,
         [v for v in schedules.split(",") if v],
         counts,
         device,

@@ -62,6 +62,7 @@ class CriticConfig:
 
     convs: list[int] = field(default_factory=lambda: [1])  # conv3x3 layers per critic; one entry = all critics
     channels: int = 128
+    pool: int = 0  # > 0: average conv features down to pool x pool before the critic's convs (cheaper); 0: official
     loss: str = "l1"  # l1 | mse: critic cascade loss against the next group's per-sample loss
     optim: str = "adam"  # adam | sgd
     lr: float = 1e-4
@@ -310,6 +311,8 @@ def validate(cfg: Experiment) -> None:
             raise ConfigError(f"{key} must be a finite number {bound}, got {value}")
     if cfg.data.num_classes < 2:
         raise ConfigError(f"data.num_classes must be >= 2, got {cfg.data.num_classes}")
+    if cfg.critic.pool < 0:
+        raise ConfigError(f"critic.pool must be >= 0 (0: no pooling, the official critic), got {cfg.critic.pool}")
     if any(c < 1 for c in cfg.critic.convs):
         raise ConfigError(f"critic.convs entries must be >= 1, got {cfg.critic.convs}")
     lp = cfg.layerpar

@@ -227,6 +227,7 @@ def test_bench_measures_every_configuration(tmp_path):
         repeats=2,
         schedules=["gpipe"],
         microbatches=[2],
+        depths=[1, 2],
         out_dir=tmp_path,
     )
     assert list(frame["config"]) == [
@@ -235,7 +236,8 @@ def test_bench_measures_every_configuration(tmp_path):
         "bp model-parallel, 2 workers",
         "bp gpipe M=2, 2 workers",
         "bp gpipe M=2, 2 workers, torch.distributed.pipelining alone",
-        "lct 2 workers, pipelined",
+        "lct 2 workers, depth 1",
+        "lct 2 workers, depth 2",
     ]
     best = frame[frame["config"].str.startswith("bp ")]["samples_per_s"].max()
     assert (frame["speedup_vs_best_bp"] == (frame["samples_per_s"] / best).round(3)).all()
@@ -246,5 +248,7 @@ def test_bench_measures_every_configuration(tmp_path):
     activation = per_sample[frame["cut"].iloc[2]]  # the cut's output per sample
     assert frame["bytes_per_sample"].iloc[2] == 2 * activation  # bp: activations forward, gradients back
     assert frame["bytes_per_sample"].iloc[3] == frame["bytes_per_sample"].iloc[4] == 2 * activation  # micro-batched
-    assert frame["bytes_per_sample"].iloc[5] == activation + 4  # lct: activations forward, one loss back
+    assert (
+        frame["bytes_per_sample"].iloc[5] == frame["bytes_per_sample"].iloc[6] == activation + 4
+    )  # lct: one loss back
     assert list(tmp_path.glob("*cnn-small-k2.csv")) and list(tmp_path.glob("*cnn-small-k2.md"))

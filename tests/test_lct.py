@@ -125,3 +125,19 @@ def test_lct_learns_mnist_close_to_bp(tmp_path, data_root):
     assert lct2["test_acc"] >= bp - 1.5, (bp, lct2)
     assert lct3["test_acc"] >= bp - 1.5, (bp, lct3)
     assert lct2["g1_test_acc"] > 80.0
+
+
+@pytest.mark.parametrize("shape", [(16, 32, 32), (16, 8, 4)])
+def test_pooled_critic_is_cheaper_and_classifies(shape):
+    """critic.pool=4: features averaged to at most 4x4 first; the convs cost (16 / (H W)) of the official
+    critic's, and the classifier still maps (B, *shape) to (B, classes)."""
+    from lctrun.methods.lct import make_critic
+    from lctrun.models.chain import forward_flops
+
+    x = torch.randn(2, *shape)
+    official = make_critic(shape, load_experiment(None, ["critic.channels=32"]), 10)
+    pooled = make_critic(shape, load_experiment(None, ["critic.channels=32", "critic.pool=4"]), 10)
+    (full, a), (cheap, b) = forward_flops(official, x), forward_flops(pooled, x)
+    assert a.shape == b.shape == (2, 10)
+    cells = shape[1] * shape[2]
+    assert cheap < full * 1.1 * min(16, cells) / cells + 1e4 and (cheap < full) == (cells > 16)

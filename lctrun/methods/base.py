@@ -26,6 +26,7 @@ hands group k-1's forward message for the batch to `stage.store_input(msg)` afte
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -108,6 +109,9 @@ class Stage:
 
     aux: nn.Module | None = None  # critic / head / synthesizer, owned by this stage
     wire: Wire  # set by build_stage from the method; begin_epoch may change it
+    # set by a runtime that moves messages between processes: called with a step's messages as soon as they are
+    # final, before the step ends (see emit)
+    ready: Callable[[torch.Tensor | None, torch.Tensor | None], None] | None = None
 
     def __init__(self, group: nn.Module, ctx: StageContext):
         self.ctx = ctx
@@ -142,6 +146,13 @@ class Stage:
     def feedback(self, msg: torch.Tensor | None) -> torch.Tensor | None:
         return None
 
+    def emit(self, forward: torch.Tensor | None = None, backward: torch.Tensor | None = None) -> None:
+        """This step's forward and/or backward message is final before the step has ended (a local method's
+        output once its auxiliary forward has run): the runtime may send it now, so that the neighbour starts
+        while this group still computes its update. The step still returns it in its StepOut."""
+        if self.ready is not None:
+            self.ready(forward, backward)
+
     def store_input(self, msg: torch.Tensor) -> None:
         """order="backward" only: group k-1's forward message for the oldest batch still owed one."""
         raise NotImplementedError(f"{type(self).__name__} has no wire with order='backward'")
@@ -151,6 +162,8 @@ class Stage:
         x_in = x.requires_grad_(send_back == "grad" and not self.ctx.first)
         logits = self.group(x_in)
         losses = per_sample_loss(logits, y)
+        if send_back == "loss" and not self.ctx.first:
+            self.emit(backward=losses.detach())
         self.zero_grad()
         (losses.mean() / self.microbatches).backward()  # / 1 is exact: unchanged without micro-batches
         self.update()

@@ -30,15 +30,22 @@ class LastStep(nn.Module):
         return x[:, -1]
 
 
-def make_classifier(in_shape: tuple[int, ...], num_classes: int, depth: int, channels: int, per_step: bool = False):
+def make_classifier(
+    in_shape: tuple[int, ...], num_classes: int, depth: int, channels: int, per_step: bool = False, pool: int = 0
+):
     """The official LCT critic for conv features: depth x (conv3x3(channels) -> ReLU) -> flatten -> linear.
 
-    Flat features get depth x (linear(channels) -> ReLU) -> linear. Sequences (T, D) are classified from
-    the last step, or per step when `per_step` (language models predict every token).
+    `pool` > 0 first averages the features down to a pool x pool grid (as DGL's and InfoPro's auxiliary
+    nets do), so that the critic's convs cost (pool^2 / (H W)) of the official one's. Flat features get
+    depth x (linear(channels) -> ReLU) -> linear. Sequences (T, D) are classified from the last step, or
+    per step when `per_step` (language models predict every token).
     """
     if len(in_shape) == 3:
         c, h, w = in_shape
         layers: list[nn.Module] = []
+        if 0 < pool < max(h, w):
+            h, w = min(h, pool), min(w, pool)
+            layers.append(nn.AdaptiveAvgPool2d((h, w)))
         for i in range(depth):
             layers += [nn.Conv2d(c if i == 0 else channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
         return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * h * w, num_classes))

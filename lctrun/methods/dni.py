@@ -31,6 +31,7 @@ class SynthesizerStage(Stage):
         h = self.group(x_in)
         h_synth = h.detach()
         predicted, stash = stashed_forward(self.aux, h_synth, pipelined=self.wire.depth > 1)
+        self.emit(h_synth)
         self.opt.zero_grad(set_to_none=True)
         h.backward(predicted.detach() / len(h))
         self.optimizer_step()

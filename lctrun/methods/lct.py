@@ -32,7 +32,7 @@ def make_critic(out_shape, cfg, num_classes: int, index: int = 0, count: int = 1
     """The classifier lct (a critic) and dgl (a head) attach after group `index` of the `count` that get one;
     critic.convs may give each its own depth."""
     depth = critic_depth(cfg.critic, index, count)
-    return make_classifier(out_shape, num_classes, depth, cfg.critic.channels, per_step)
+    return make_classifier(out_shape, num_classes, depth, cfg.critic.channels, per_step, cfg.critic.pool)
 
 
 class ClassifierAux:
@@ -64,14 +64,15 @@ class CriticStage(Stage):
         h_critic = h.detach().requires_grad_()
         logits, stash = stashed_forward(self.aux, h_critic, pipelined=self.wire.depth > 1)
         losses = per_sample_loss(logits, y)
+        relay = self.ctx.cfg.critic.target == "final"  # l_K is sent on from feedback
+        back = None if self.ctx.first or relay else losses.detach()
+        self.emit(h_critic.detach(), back)
         (grad_h,) = torch.autograd.grad(losses.mean(), h_critic, retain_graph=True)
         self.opt.zero_grad(set_to_none=True)
         h.backward(grad_h)
         self.optimizer_step()
         self.steps += 1
         self.pending.append((losses, stash))
-        relay = self.ctx.cfg.critic.target == "final"  # l_K is sent on from feedback
-        back = None if self.ctx.first or relay else losses.detach()
         return StepOut(h_critic.detach(), back, classification_metrics(logits, y, losses))
 
     def feedback(self, next_losses: torch.Tensor) -> torch.Tensor | None:
@@ -112,6 +113,7 @@ class HeadStage(Stage):
         h = self.group(x)
         logits = self.aux(h)
         losses = per_sample_loss(logits, y)
+        self.emit(h.detach())  # after the head: its forward could change h in place
         self.opt.zero_grad(set_to_none=True)
         losses.mean().backward()
         self.optimizer_step()

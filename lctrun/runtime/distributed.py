@@ -56,6 +56,8 @@ class DistributedRuntime:
         self.checkpoint_tag = f".rank{self.rank}"  # one checkpoint file per worker
         self.stop_signals = (signal.SIGUSR1,)  # from the launcher; SIGTERM still ends a worker at once
         self.fault = InjectedFault.from_env(self.rank)
+        self.early = [False, False]  # this step's forward / backward message went out before the step ended
+        stage.ready = self._send_now
         self.pipeline = None  # bp under a micro-batch schedule: the schedule moves the step's messages
         if stage.wire.schedule != "none":
             from lctrun.runtime.pipelined import MicrobatchPipeline  # torch.distributed.pipelining loads slowly
@@ -153,16 +155,27 @@ class DistributedRuntime:
         else:
             x = self._input(batch, FORWARD, wire.in_shape)
         y = batch.y.to(self.stage.device, non_blocking=True)
+        self.early = [False, False]
         out = self.pipeline.step(x, y) if self.pipeline else self.stage.train_step(x, y, batch.idx)
-        if out.backward is not None and not self.first:
+        if out.backward is not None and not self.first and not self.early[1]:
             self.channel.send(out.backward, self.rank - 1, BACKWARD)
-        if not self.last and not self.pipeline:
+        if not self.last and not self.pipeline and not self.early[0]:
             self.channel.send(out.forward, self.rank + 1, FORWARD)
         if self.owed:
             self.waiting.append(len(batch.y))
             while len(self.waiting) > self.lag:
                 self.settle(self.waiting.popleft())
         return out.metrics
+
+    def _send_now(self, forward: torch.Tensor | None, backward: torch.Tensor | None) -> None:
+        """Stage.emit: send a message before the step ends. Without it, at pipeline depth 1 group k+1 waited for
+        group k's whole step (update included) and the two never overlapped."""
+        if forward is not None and not self.last:
+            self.channel.send(forward, self.rank + 1, FORWARD)
+            self.early[0] = True
+        if backward is not None and not self.first:
+            self.channel.send(backward, self.rank - 1, BACKWARD)
+            self.early[1] = True
 
     def stops_after(self, step: int, stop, steps: int) -> bool:
         if self.last_first:
