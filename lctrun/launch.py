@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lctrun.checkpoints import resume_hint
+from lctrun.checkpoints import holds_a_run, resume_hint
 from lctrun.config import ConfigError, Experiment, load_experiment, to_dict
 from lctrun.train import RunResult, train
 
@@ -119,7 +119,7 @@ def resumed_config(run_dir: Path, overrides: list[str]) -> Experiment:
 
 def check_new_run_dir(run_dir: Path) -> None:
     """Never train over a run by accident: a directory with checkpoints is continued with --resume."""
-    if (run_dir / "metrics.csv").exists() or any(run_dir.glob("ckpt-*.pt")):
+    if (run_dir / "metrics.csv").exists() or holds_a_run(run_dir):
         raise ConfigError(
             f"--out {run_dir} already holds a run; continue it with: lctrun train --resume {run_dir} "
             f"(or give another --out)"

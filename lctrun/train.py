@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lctrun import checkpoints
 from lctrun.config import Experiment
-from lctrun.errors import ConfigError, LctrunError
+from lctrun.errors import LctrunError
 from lctrun.evaluation import test_metrics
 from lctrun.prepared import Prepared, begin_epoch, make_loaders, make_serial_runtime, prepare
 from lctrun.reporting import rundir
+from lctrun.reporting.progress import EpochProgressView
 from lctrun.runtime.base import Runtime
 from lctrun.runtime.stop import EpochInterrupted, StopRequest
 
@@ -77,59 +77,25 @@ def train(
         raise TypeError(f"{type(runtime).__name__} lacks members of the Runtime protocol")
     main = runtime.is_main
     run_dir = Path(runtime.agree(str(run_dir or rundir.default_run_dir(cfg))))
-    metrics_path = run_dir / "metrics.csv"
-
-    start_epoch, state, resumed = checkpoints.resume_point(run_dir, runtime) if resume else (0, None, None)
-    rows = []
-    if state is not None:
-        try:
-            runtime.load_state_dict(state["runtime"])
-        except (RuntimeError, KeyError, ValueError, IndexError, TypeError) as e:
-            problem = " ".join(str(e).split())[:150]
-            raise ConfigError(
-                f"--resume {run_dir}: its checkpoint does not fit the run's config.yaml ({problem}); "
-                "was config.yaml edited after the run started (model, split, method)? Restore it, or start a new run"
-            ) from None
-        checkpoints.restore_rng(state["rng"])
-        rows = [r for r in rundir.read_rows(metrics_path) if r["epoch"] <= start_epoch]
-        if main:
-            where = f"after epoch {start_epoch}" if start_epoch else ""
-            if resumed:
-                where += f"{', ' if start_epoch else ''}at step {resumed['step']} of epoch {start_epoch + 1}"
-            console.print(f"resuming {run_dir} {where}")
+    start_epoch, resumed = checkpoints.resume(run_dir, runtime, console) if resume else (0, None)
+    files = rundir.RunFiles(run_dir, start_epoch)
     if main:
-        rundir.make_run_dir(run_dir)
-        rundir.write_config(run_dir, cfg)
-        rundir.write_json(run_dir / "env.json", rundir.environment(cfg, {"groups": p.block_names}))
+        files.begin(cfg, {"groups": p.block_names})
     runtime.barrier()
 
     train_loader, test_loader = make_loaders(p, p.devices[0] if p.devices else "cpu", load_x=runtime.needs_inputs)
-    worker_rows = [r for r in rundir.read_rows(run_dir / "workers.csv") if r["epoch"] <= start_epoch]
     steps_per_epoch = len(train_loader)
-    plain = not console.is_terminal  # a log file: one flushed line per epoch, not a bar drawn at the end
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        disable=not main or plain,
-        transient=False,
-    ) as progress:
+    with EpochProgressView(console, main, cfg.epochs, steps_per_epoch) as view:
         epoch = start_epoch
         try:
             with StopRequest(runtime.stop_signals) as stop:
                 for epoch in range(start_epoch + 1, cfg.epochs + 1):
                     partial, resumed = resumed, None  # only the first epoch continues a stopped one
-                    task = progress.add_task(f"epoch {epoch}/{cfg.epochs}", total=steps_per_epoch, info="")
-                    progress.update(task, completed=partial["step"] if partial else 0)
+                    advance = view.begin(epoch, partial["step"] if partial else 0)
                     train_loader.data_seconds = 0.0
                     start = time.perf_counter()
                     plan = begin_epoch(p, runtime, epoch, train_loader, refresh=partial is None)
-                    metrics = runtime.train_epoch(
-                        train_loader, on_batch=lambda t=task: progress.advance(t), stop=stop, partial=partial
-                    )
+                    metrics = runtime.train_epoch(train_loader, on_batch=advance, stop=stop, partial=partial)
                     seconds = time.perf_counter() - start + (partial["seconds"] if partial else 0.0)
                     lr = runtime.lr
                     evaluate = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
@@ -139,16 +105,8 @@ def train(
                         check_finite(row, cfg, epoch)
                         # rows first, then the checkpoint: a resume drops rows after its epoch, so none is
                         # lost or written twice whichever write an interruption falls between
-                        rows.append(row)
-                        rundir.write_rows(metrics_path, rows)
-                        worker_rows += [{"epoch": epoch, **s} for s in runtime.worker_stats]
-                        rundir.write_rows(run_dir / "workers.csv", worker_rows)
-                        info = f"loss {row['train_loss']:.3f}"
-                        info += f" test {row['test_acc']:.2f}%" if "test_acc" in row else ""
-                        progress.update(task, info=info)
-                        if plain:
-                            console.print(f"epoch {epoch}/{cfg.epochs}: {info} ({seconds:.1f} s)", highlight=False)
-                            console.file.flush()
+                        files.add_epoch(row, runtime.worker_stats)
+                        view.end(epoch, row, seconds)
                     checkpoints.save(run_dir, epoch, runtime)
                     if runtime.agree(bool(stop)) and epoch < cfg.epochs:  # asked during evaluation or saving
                         raise LctrunError(f"interrupted after epoch {epoch}{checkpoints.resume_hint(run_dir)}")
@@ -166,4 +124,4 @@ def train(
         from lctrun.structural import structural_report
 
         tables = structural_report(p, runtime, test_loader, run_dir, cfg.exit_thresholds)
-    return RunResult(run_dir, rows, tables)
+    return RunResult(run_dir, files.rows, tables)

@@ -14,14 +14,14 @@ import torch
 from children import descendants, still_alive
 from test_cli import lctrun
 
-from lctrun.checkpoints import resume_point
+from lctrun.checkpoints import common_epoch, resumable_epoch, resume_point
 from lctrun.config import load_experiment
 from lctrun.errors import ConfigError, LctrunError
 from lctrun.launch import run_training
 from lctrun.models import MODELS, ModelSpec
 from lctrun.models.cnn import cnn_small
 from lctrun.reporting import rundir
-from lctrun.reporting.rundir import common_epoch, read_rows, resumable_epoch
+from lctrun.reporting.rundir import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -81,54 +80,27 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+class RunFiles:
+    """The files the training loop writes into a run directory: config.yaml and env.json at the start, then
+    after every epoch metrics.csv and workers.csv, each rewritten whole and atomically. A resumed run keeps
+    the rows up to its resume point and drops any written after it."""
 
+    def __init__(self, run_dir: Path, start_epoch: int = 0):
+        self.run_dir = Path(run_dir)
+        self.metrics_path, self.workers_path = self.run_dir / "metrics.csv", self.run_dir / "workers.csv"
+        self.rows = [r for r in read_rows(self.metrics_path) if r["epoch"] <= start_epoch]
+        self.worker_rows = [r for r in read_rows(self.workers_path) if r["epoch"] <= start_epoch]
 
-# Checkpoints are per epoch and per worker (tag "" for one process, ".rank<r>" for distributed workers):
-# ckpt-e<epoch><tag>.pt. A worker drops its older ones only once every worker has written the newer
-# one, so some epoch is always held by all, and a run killed mid-save resumes from that epoch.
+    def begin(self, cfg: Experiment, extra_env: dict) -> None:
+        make_run_dir(self.run_dir)
+        write_config(self.run_dir, cfg)
+        write_json(self.run_dir / "env.json", environment(cfg, extra_env))
 
-
-def checkpoint_path(run_dir: Path, epoch: int, tag: str = "") -> Path:
-    return Path(run_dir) / f"ckpt-e{epoch}{tag}.pt"
-
-
-def partial_checkpoint_path(run_dir: Path, tag: str = "") -> Path:
-    """The state at a stop inside an epoch (Ctrl-C, SIGTERM), until that epoch ends."""
-    return Path(run_dir) / f"ckpt-partial{tag}.pt"
-
-
-def has_partial_checkpoint(run_dir: Path) -> bool:
-    return any(Path(run_dir).glob("ckpt-partial*.pt"))
-
-
-def checkpoint_epochs(run_dir: Path, tag: str = "") -> set[int]:
-    pattern = re.compile(rf"ckpt-e(\d+){re.escape(tag)}\.pt")
-    return {int(m.group(1)) for f in Path(run_dir).glob("ckpt-e*.pt") if (m := pattern.fullmatch(f.name))}
-
-
-def drop_checkpoints_before(run_dir: Path, epoch: int, tag: str = "") -> None:
-    for e in checkpoint_epochs(run_dir, tag):
-        if e < epoch:
-            checkpoint_path(run_dir, e, tag).unlink(missing_ok=True)
-
-
-def resumable_epoch(run_dir: Path) -> int:
-    """The epoch a resume of this run directory would continue after, read from its files."""
-    per_tag: dict[str, set[int]] = {}
-    for f in Path(run_dir).glob("ckpt-e*.pt"):
-        if m := re.fullmatch(r"ckpt-e(\d+)(.*)\.pt", f.name):
-            per_tag.setdefault(m.group(2), set()).add(int(m.group(1)))
-    return common_epoch(list(per_tag.values()))
-
-
-def common_epoch(epochs_per_worker: list[set[int]]) -> int:
-    """The latest epoch every worker holds a checkpoint of (0: none, start from scratch)."""
-    shared = set.intersection(*map(set, epochs_per_worker)) if epochs_per_worker else set()
-    return max(shared, default=0)
+    def add_epoch(self, row: dict, worker_stats: list[dict]) -> None:
+        self.rows.append(row)
+        write_rows(self.metrics_path, self.rows)
+        self.worker_rows += [{"epoch": row["epoch"], **s} for s in worker_stats]
+        write_rows(self.workers_path, self.worker_rows)
 
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -141,6 +113,7 @@ PRESENTATION = {
     "reporting/tables.py",
     "reporting/plots.py",
     "reporting/claims.py",
+    "reporting/progress.py",
 }
 
 
