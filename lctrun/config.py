@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -26,9 +26,8 @@ class DataConfig:
     download: bool = False
     train_size: int | None = None  # take a subset of the training set (first N of a seeded permutation)
     test_size: int | None = None
-    augment: bool | str = (
-        True  # true: the dataset's standard (CIFAR: crop+flip), false: none, or crop | flip | crop-flip
-    )
+    augment: bool | Literal["none", "crop", "flip", "crop-flip"] = True  # true: the dataset's standard (CIFAR:
+    # crop+flip), false: none
     batch_size: int = 128
     test_batch_size: int = 500
     shape: list[int] = field(default_factory=lambda: [3, 32, 32])  # fake data only
@@ -41,17 +40,17 @@ class ModelConfig:
     name: str = "cnn-small"
     split: list[str] = field(default_factory=list)  # cut after these named blocks, e.g. [layer2, layer3.8]
     groups: int = 1  # K; used when split is empty: cut automatically
-    balance: str = "params"  # params | flops | time: what the automatic cut balances (critics included)
+    balance: Literal["params", "flops", "time"] = "params"  # what the automatic cut balances (critics included)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adam
+    name: Literal["sgd", "adam"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    schedule: str = "none"  # none | multistep | cosine (advanced every optimiser step; milestones in epochs)
+    schedule: Literal["none", "multistep", "cosine"] = "none"  # advanced every optimiser step; milestones in epochs
     milestones: list[int] = field(default_factory=list)  # epochs, for multistep
     gamma: float = 0.1
 
@@ -63,14 +62,14 @@ class CriticConfig:
     convs: list[int] = field(default_factory=lambda: [1])  # conv3x3 layers per critic; one entry = all critics
     channels: int = 128
     pool: int = 0  # > 0: average conv features down to pool x pool before the critic's convs (cheaper); 0: official
-    loss: str = "l1"  # l1 | mse: critic cascade loss against the next group's per-sample loss
-    optim: str = "adam"  # adam | sgd
+    loss: Literal["l1", "mse"] = "l1"  # critic cascade loss against the next group's per-sample loss
+    optim: Literal["adam", "sgd"] = "adam"
     lr: float = 1e-4
     weight_decay: float = 0.0
     update_every: int = 1  # train the critics every n steps (ICLR table 3)
     # lct: what critic k learns to match. next: l_{k+1} (the LCT cascade); final: the true loss l_K of the
     # output (critic training, Czarnecki et al. 2017: the ICLR table 1 baseline)
-    target: str = "next"
+    target: Literal["next", "final"] = "next"
 
 
 @dataclass
@@ -82,9 +81,9 @@ class LayerParallelConfig:
     beta_max: float = 1000.0
     lambda_lr: float = 100.0  # eta, step size of the proximal auxiliary-variable update
     fit_step: float = 0.1  # a regression step of group k < K is at most this times the Polyak step (layerpar.py)
-    precision: str = "fp32"  # fp32 | bf16 | fp16: storage of lambda, mu and the stored phi (arithmetic in fp32)
-    downsample: int = 1  # 1 | 2 | 4: spatial factor of what crosses / is stored at a boundary
-    filter: str = "avg"  # avg (average pool down, nearest up) | bilinear (antialiased down, bilinear up)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # storage of lambda, mu and the stored phi (fp32 arithmetic)
+    downsample: Literal[1, 2, 4] = 1  # spatial factor of what crosses / is stored at a boundary
+    filter: Literal["avg", "bilinear"] = "avg"  # avg (average pool down, nearest up) | bilinear (antialiased down)
     sph: bool = False  # serial-parallel hybrid: alternate parallel and serial (backprop) phases
     parallel_epochs: int = 1  # per SPH cycle, first
     serial_epochs: int = 1  # per SPH cycle, second
@@ -97,7 +96,7 @@ class PipelineConfig:
     of its M micro-batches, summed. How the micro-batches run is the runtime's: one after another (serial, or
     distributed with schedule=none), or in a torch.distributed.pipelining schedule across the K workers."""
 
-    schedule: str = "none"  # none | gpipe | 1f1b (runtime=distributed)
+    schedule: Literal["none", "gpipe", "1f1b"] = "none"  # gpipe, 1f1b: runtime=distributed
     microbatches: int = 1  # M, dividing data.batch_size
 
 
@@ -112,7 +111,7 @@ class Experiment:
     optim: OptimConfig = field(default_factory=OptimConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     layerpar: LayerParallelConfig = field(default_factory=LayerParallelConfig)
-    runtime: str = "serial"  # serial | distributed
+    runtime: Literal["serial", "distributed"] = "serial"
     workers: int | None = None  # distributed: number of worker processes (default: one per group)
     devices: list[str] = field(default_factory=lambda: ["cpu"])  # one per group, or one for all
     threads_per_worker: int | None = None  # default: cores // workers (serial: all cores)
@@ -141,8 +140,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as e:
-                errors.append(e)
-        raise errors[0]
+                errors.append((typing.get_origin(arg) is Literal, e))
+        raise max(errors, key=lambda pair: pair[0])[1]  # a list of choices says more than "expected bool"
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if any(value == c and type(value) is type(c) for c in choices):
+            return value
+        raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, choices))}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -256,25 +260,7 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
 
 
 def validate(cfg: Experiment) -> None:
-    """Checks that need more than a type: value ranges and choices."""
-    choices = {
-        "optim.name": (cfg.optim.name, ["sgd", "adam"]),
-        "optim.schedule": (cfg.optim.schedule, ["none", "multistep", "cosine"]),
-        "model.balance": (cfg.model.balance, ["params", "flops", "time"]),
-        "critic.loss": (cfg.critic.loss, ["l1", "mse"]),
-        "critic.optim": (cfg.critic.optim, ["adam", "sgd"]),
-        "critic.target": (cfg.critic.target, ["next", "final"]),
-        "runtime": (cfg.runtime, ["serial", "distributed"]),
-        "layerpar.precision": (cfg.layerpar.precision, ["fp32", "bf16", "fp16"]),
-        "layerpar.filter": (cfg.layerpar.filter, ["avg", "bilinear"]),
-        "layerpar.downsample": (cfg.layerpar.downsample, [1, 2, 4]),
-        "pipeline.schedule": (cfg.pipeline.schedule, ["none", "gpipe", "1f1b"]),
-    }
-    if isinstance(cfg.data.augment, str):
-        choices["data.augment"] = (cfg.data.augment, ["none", "crop", "flip", "crop-flip"])
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, allowed))}")
+    """Checks that need more than a type (choices are Literal types, checked by _coerce): value ranges."""
     positive = {
         "epochs": cfg.epochs,
         "data.batch_size": cfg.data.batch_size,
