@@ -10,9 +10,13 @@ from lctrun.methods.base import per_sample_loss
 from lctrun.runtime.base import EvalOutput
 
 
+def percent_correct(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * (predictions == labels).float().mean().item()
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """% correct; sequence logits (N, T, C) with labels (N, T): % of correct tokens."""
-    return 100.0 * (logits.argmax(-1) == labels).float().mean().item()
+    return percent_correct(logits.argmax(-1), labels)
 
 
 def test_metrics(out: EvalOutput) -> dict[str, float]:

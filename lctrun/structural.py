@@ -24,6 +24,7 @@ from torch import nn
 
 from lctrun.config import Experiment
 from lctrun.data import DataBundle, TensorLoader, train_loader
+from lctrun.evaluation import accuracy, percent_correct
 from lctrun.methods.lct import make_critic
 from lctrun.models.chain import forward_flops
 from lctrun.runtime.base import EvalOutput
@@ -137,10 +138,6 @@ def _make_head(cfg: Experiment, shape: tuple[int, ...], num_classes: int, k: int
 
 
 # -- tables from (EvalOutput, costs) ------------------------------------------------------------------
-def _acc(pred: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * (pred == labels).float().mean().item()
-
-
 def _available(out: EvalOutput) -> list[int]:
     """Indices (from 0) of the groups k < K that have sub-model logits."""
     return [k for k, logits in enumerate(out.logits[:-1]) if logits is not None]
@@ -154,7 +151,7 @@ def submodel_rows(out: EvalOutput, costs: list[dict]) -> list[dict]:
         rows.append(
             {
                 "model": c["model"],
-                "test_acc": _acc(out.logits[k].argmax(1), out.labels),
+                "test_acc": accuracy(out.logits[k], out.labels),
                 "params": c["params"],
                 "flops": c["flops"],
                 "flops_frac": c["flops_frac"],
@@ -188,7 +185,7 @@ def ensemble_rows(out: EvalOutput, costs: list[dict]) -> list[dict]:
         rows.append(
             {
                 "model": f"ens({_span(ks)}{'+main' if with_main else ''})",
-                "test_acc": _acc(total.argmax(1), out.labels),
+                "test_acc": accuracy(total, out.labels),
                 "params": params,
                 "flops": flops,
                 "flops_frac": flops / main_flops if main_flops else float("nan"),
@@ -231,7 +228,7 @@ def progressive(out: EvalOutput, costs: list[dict], thresholds: list[float]) -> 
         flops = stage_cost[first].mean().item()
         row = {
             "threshold": float(t),
-            "test_acc": _acc(chosen, out.labels),
+            "test_acc": percent_correct(chosen, out.labels),
             "flops": flops,
             "flops_frac": flops / main_flops if main_flops else float("nan"),
         }
