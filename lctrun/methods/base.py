@@ -157,7 +157,7 @@ class Stage:
         """order="backward" only: group k-1's forward message for the oldest batch still owed one."""
         raise NotImplementedError(f"{type(self).__name__} has no wire with order='backward'")
 
-    def last_step(self, x: torch.Tensor, y: torch.Tensor, send_back: str | None) -> StepOut:
+    def last_group_step(self, x: torch.Tensor, y: torch.Tensor, send_back: str | None) -> StepOut:
         """The last group: ordinary backprop on the true loss. `send_back`: grad | loss | None."""
         x_in = x.requires_grad_(send_back == "grad" and not self.ctx.first)
         logits = self.group(x_in)
@@ -241,7 +241,7 @@ class Method:
 
     name: str = ""
     description: str = ""
-    feedback: bool = False  # groups k < K consume a backward message from group k+1
+    takes_feedback: bool = False  # groups k < K consume a backward message from group k+1
     message: str | None = None  # what that message is: "grad" (dL/dh_k) or "loss" (per-sample, B floats)
     pipelines: bool = True  # may run ahead across mini-batches (bp may not: it would use stale weights)
     submodels: bool = False  # stages k < K have classifiers of their own (sub-models)
@@ -252,7 +252,7 @@ class Method:
     def wire(self, ctx: StageContext) -> Wire:
         """The messages every stage of this method receives, from the method's flags."""
         feedback = None
-        if self.feedback and not ctx.last:
+        if self.takes_feedback and not ctx.last:
             feedback = () if self.message == "loss" else ctx.out_shape
         return Wire(ctx.in_shape, feedback, ctx.cfg.pipeline_depth if self.pipelines else 1)
 

@@ -22,7 +22,7 @@ from lctrun.methods.base import Method, Stage, StageContext, StepOut, Wire
 class BPStage(Stage):
     def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOut:
         if self.ctx.last:
-            return self.last_step(x, y, send_back="grad")
+            return self.last_group_step(x, y, send_back="grad")
         x_in = x.requires_grad_(not self.ctx.first)
         h = self.group(x_in)
         self.pending.append((x_in, h))
@@ -39,7 +39,7 @@ class BPStage(Stage):
 class Backprop(Method):
     name = "bp"
     description = "backprop: end to end on one worker, or model-parallel over K groups (gradients flow back)"
-    feedback = True
+    takes_feedback = True
     message = "grad"
     pipelines = False
 

@@ -26,7 +26,7 @@ class SynthesizerStage(Stage):
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOut:
         if self.ctx.last:
-            return self.last_step(x, y, send_back="grad")
+            return self.last_group_step(x, y, send_back="grad")
         x_in = x.requires_grad_(not self.ctx.first)
         h = self.group(x_in)
         h_synth = h.detach()
@@ -49,7 +49,7 @@ class SynthesizerStage(Stage):
 class SyntheticGradients(Method):
     name = "dni"
     description = "decoupled neural interfaces: groups step on synthetic gradients, synthesizers learn the true ones"
-    feedback = True
+    takes_feedback = True
     message = "grad"
 
     def make_stage(self, group: nn.Module, ctx: StageContext) -> Stage:

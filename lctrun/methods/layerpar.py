@@ -209,7 +209,7 @@ class LayerParallelStage(BPStage):
 
 
 class LayerParallel(Method):
-    feedback = True
+    takes_feedback = True
     message = "grad"
     pipelines = False
     multipliers = False

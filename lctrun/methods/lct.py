@@ -57,7 +57,7 @@ class CriticStage(Stage):
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOut:
         if self.ctx.last:
-            return self.last_step(x, y, send_back="loss")
+            return self.last_group_step(x, y, send_back="loss")
         h = self.group(x)
         # The critic runs on a detached copy: its graph is kept (small) until l_{k+1} arrives, while
         # the group's graph is freed right after the group's own update.
@@ -109,7 +109,7 @@ class HeadStage(Stage):
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> StepOut:
         if self.ctx.last:
-            return self.last_step(x, y, send_back=None)
+            return self.last_group_step(x, y, send_back=None)
         h = self.group(x)
         logits = self.aux(h)
         losses = per_sample_loss(logits, y)
@@ -127,7 +127,7 @@ class HeadStage(Stage):
 class LocalCritic(ClassifierAux, Method):
     name = "lct"
     description = "local critic training: group k learns from critic k, critic k learns to match loss k+1 (cascade)"
-    feedback = True
+    takes_feedback = True
     message = "loss"
     submodels = True
 
@@ -138,7 +138,7 @@ class LocalCritic(ClassifierAux, Method):
 class DecoupledGreedy(ClassifierAux, Method):
     name = "dgl"
     description = "decoupled greedy learning: each group trains with its own auxiliary head on the labels"
-    feedback = False
+    takes_feedback = False
     submodels = True
 
     def make_stage(self, group: nn.Module, ctx: StageContext) -> Stage:
