@@ -69,7 +69,7 @@ class TableRun:
     scale_overrides: dict[str, list[str]] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Table:
     name: str
     title: str
@@ -148,21 +148,21 @@ def load_table(name: str) -> Table:
             raise ConfigError(f"{path}: best_bp '{label}' is not a run label ({', '.join(labels)})")
     reference = data.get("reference")
     return Table(
-        name,
-        data["title"],
-        data.get("source", ""),
-        data.get("published_setting", ""),
-        data.get("experiment"),
-        scales,
-        list(data.get("columns") or ["test_acc"]),
-        runs,
-        reference,
-        list(data.get("notes") or []),
-        data.get("layer_serial"),
-        [check_claim_spec(c, labels, f"{path}: claims[{i}]") for i, c in enumerate(data.get("claims") or [])],
-        data.get("gap_to"),
-        dict(data.get("seeds") or {}),
-        list(data.get("best_bp") or []),
+        name=name,
+        title=data["title"],
+        source=data.get("source", ""),
+        published_setting=data.get("published_setting", ""),
+        experiment=data.get("experiment"),
+        scales=scales,
+        columns=list(data.get("columns") or ["test_acc"]),
+        runs=runs,
+        reference=reference,
+        notes=list(data.get("notes") or []),
+        layer_serial=data.get("layer_serial"),
+        claims=[check_claim_spec(c, labels, f"{path}: claims[{i}]") for i, c in enumerate(data.get("claims") or [])],
+        gap_to=data.get("gap_to"),
+        own_seeds=dict(data.get("seeds") or {}),
+        best_bp=list(data.get("best_bp") or []),
     )
 
 

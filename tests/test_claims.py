@@ -16,7 +16,17 @@ def table(claims):
         TableRun("LC(1)", [], published={"test_acc": 92.06}),
         TableRun("LC(3)", [], rows="submodels", published={"sub1": {"test_acc": 85.24}}),
     ]
-    return Table("t", "t", "", "", None, {}, ["test_acc"], runs, claims=claims)
+    return Table(
+        name="t",
+        title="t",
+        source="",
+        published_setting="",
+        experiment=None,
+        scales={},
+        columns=["test_acc"],
+        runs=runs,
+        claims=claims,
+    )
 
 
 def test_a_check_holds_or_fails_on_the_values_it_names():
