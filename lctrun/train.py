@@ -107,6 +107,7 @@ def train(
                         # lost or written twice whichever write an interruption falls between
                         files.add_epoch(row, runtime.worker_stats)
                         view.end(epoch, row, seconds)
+                    runtime.barrier()  # every worker's checkpoint after the main one's rows (a full disk)
                     checkpoints.save(run_dir, epoch, runtime)
                     if runtime.agree(bool(stop)) and epoch < cfg.epochs:  # asked during evaluation or saving
                         raise LctrunError(f"interrupted after epoch {epoch}{checkpoints.resume_hint(run_dir)}")
