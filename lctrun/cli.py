@@ -214,7 +214,7 @@ def list_things() -> None:
     from lctrun.config import load_experiment
     from lctrun.data import DATASETS
     from lctrun.methods import METHODS, _load_all
-    from lctrun.models import MODELS
+    from lctrun.models import model_names
 
     _load_all()
     console.print("[bold]experiments[/] (experiments/*.yaml)")
@@ -226,13 +226,10 @@ def list_things() -> None:
             what = f"[red]invalid: {e}[/]"
         console.print(f"  {path.stem:28} {what}")
     console.print("[bold]datasets[/]")
-    for name, what in DATASETS.items():
-        console.print(f"  {name:28} {what}")
+    for name, spec in DATASETS.items():
+        console.print(f"  {name:28} {spec.description}")
     console.print("[bold]models[/]")
-    for name, what in {
-        **{n: s.description for n, s in MODELS.items()},
-        "wrn-D-K": "Wide ResNet, depth D, width k",
-    }.items():
+    for name, what in model_names():
         console.print(f"  {name:28} {what}")
     console.print("[bold]methods[/]")
     for name, method in METHODS.items():
