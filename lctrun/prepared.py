@@ -72,7 +72,7 @@ def prepare(cfg: Experiment, check_devices: bool = True) -> Prepared:
             )
             sample = next(iter(loader)).x
         n_aux = max(cfg.model.groups - 1, 1)
-        aux_for = lambda shape, j: method.aux_module(shape, cfg, data.num_classes, j, n_aux)  # noqa: E731
+        aux_for = lambda shape, j: method.aux_module(shape, cfg.critic, data.num_classes, j, n_aux)  # noqa: E731
         groups = split_groups(model, cfg.model.split, cfg.model.groups, cfg.model.balance, sample, aux_for)
         shapes = group_shapes(groups, data.in_shape)
     except RuntimeError as e:

@@ -134,7 +134,7 @@ def fresh_costs(p, with_critics: bool | None = None) -> list[dict]:
 
 def _make_head(cfg: Experiment, shape: tuple[int, ...], num_classes: int, k: int, K: int) -> nn.Module:
     """The LCT critic's architecture for the cut after group k (from 0)."""
-    return make_critic(shape, cfg, num_classes, k, K - 1)
+    return make_critic(shape, cfg.critic, num_classes, k, K - 1)
 
 
 # -- tables from (EvalOutput, costs) ------------------------------------------------------------------

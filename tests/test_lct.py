@@ -135,8 +135,8 @@ def test_pooled_critic_is_cheaper_and_classifies(shape):
     from lctrun.models.chain import forward_flops
 
     x = torch.randn(2, *shape)
-    official = make_critic(shape, load_experiment(None, ["critic.channels=32"]), 10)
-    pooled = make_critic(shape, load_experiment(None, ["critic.channels=32", "critic.pool=4"]), 10)
+    official = make_critic(shape, load_experiment(None, ["critic.channels=32"]).critic, 10)
+    pooled = make_critic(shape, load_experiment(None, ["critic.channels=32", "critic.pool=4"]).critic, 10)
     (full, a), (cheap, b) = forward_flops(official, x), forward_flops(pooled, x)
     assert a.shape == b.shape == (2, 10)
     cells = shape[1] * shape[2]

@@ -187,7 +187,7 @@ def test_a_balanced_cut_prices_every_critic_at_its_own_depth():
 
     cfg = load_experiment(None, ["method=lct", "model.groups=3", "critic.convs=[3,1]", "critic.channels=8"])
     method, model = get_method("lct"), build_model("cnn-small", 10, (1, 28, 28))
-    aux_for = lambda shape, j: method.aux_module(shape, cfg, 10, j, 2)  # noqa: E731
+    aux_for = lambda shape, j: method.aux_module(shape, cfg.critic, 10, j, 2)  # noqa: E731
     _, end = block_flop_costs(model.named_blocks()[:3], torch.randn(4, 1, 28, 28), aux_for, 2)
     assert len(end) == 2 and all(deep > shallow for deep, shallow in zip(end[0], end[1], strict=True))
 

@@ -8,13 +8,14 @@ import torch
 from torch import nn
 
 from lctrun.errors import ConfigError
-from lctrun.methods.base import EpochPlan, Method, Stage, StageContext, StepOut, Wire
+from lctrun.methods.base import EpochPlan, Method, Stage, StageContext, StageSettings, StepOut, Wire
 from lctrun.methods.bp import Backprop
 
 __all__ = [
     "Method",
     "Stage",
     "StageContext",
+    "StageSettings",
     "StepOut",
     "Wire",
     "EpochPlan",
@@ -69,7 +70,15 @@ def build_stage(p, k: int, device: torch.device) -> Stage:
     in_shape, out_shape = p.shapes[k]
     num_samples = len(p.data.train_y)
     ctx = StageContext(
-        cfg, k, len(p.groups), p.data.num_classes, in_shape, out_shape, device, steps_per_epoch, num_samples
+        StageSettings.of(cfg),
+        k,
+        len(p.groups),
+        p.data.num_classes,
+        in_shape,
+        out_shape,
+        device,
+        steps_per_epoch,
+        num_samples,
     )
     # Each stage initialises its auxiliary modules from its own stream, so that a worker that builds
     # only stage k gets the same critic as a process that builds every stage in turn.

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lctrun.config import Experiment
+from lctrun.config import CriticConfig, Experiment, LayerParallelConfig, OptimConfig, PipelineConfig
 from lctrun.methods.optim import make_optimizer, make_scheduler
 
 
@@ -66,9 +66,25 @@ class EpochPlan:
     beta: float | None = None  # layer-parallel methods: the penalty weight of this epoch
 
 
+@dataclass(frozen=True)
+class StageSettings:
+    """The part of an Experiment a stage reads: how its group learns and its method's own options."""
+
+    optim: OptimConfig
+    epochs: int  # the lr schedule's length
+    pipeline_depth: int
+    critic: CriticConfig  # lct, dgl, dni
+    layerpar: LayerParallelConfig  # penalty, al
+    pipeline: PipelineConfig  # bp
+
+    @classmethod
+    def of(cls, cfg: Experiment) -> StageSettings:
+        return cls(cfg.optim, cfg.epochs, cfg.pipeline_depth, cfg.critic, cfg.layerpar, cfg.pipeline)
+
+
 @dataclass
 class StageContext:
-    cfg: Experiment
+    cfg: StageSettings
     index: int  # k, from 0
     num_groups: int  # K
     num_classes: int
@@ -261,7 +277,7 @@ class Method:
         return EpochPlan(augment=cfg.data.augment)
 
     def aux_module(
-        self, out_shape: tuple[int, ...], cfg: Experiment, num_classes: int, index: int = 0, count: int = 1
+        self, out_shape: tuple[int, ...], cfg: CriticConfig, num_classes: int, index: int = 0, count: int = 1
     ) -> nn.Module | None:
         """The module this method attaches after group `index` (of `count` that get one) with this output
         shape: what a balanced cut prices, and what the stage builds."""

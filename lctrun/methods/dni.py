@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lctrun.config import CriticConfig
 from lctrun.methods import register
 from lctrun.methods.base import Method, Stage, StageContext, StepOut
 from lctrun.methods.critics import make_aux_optimizer, make_synthesizer, stashed_forward, step_from_stash
@@ -55,8 +56,8 @@ class SyntheticGradients(Method):
     def make_stage(self, group: nn.Module, ctx: StageContext) -> Stage:
         return SynthesizerStage(group, ctx)
 
-    def aux_module(self, out_shape: tuple[int, ...], cfg, num_classes: int, index: int = 0, count: int = 1):
-        return make_synthesizer(out_shape, cfg.critic.channels)
+    def aux_module(self, out_shape: tuple[int, ...], cfg: CriticConfig, num_classes: int, index: int = 0, count=1):
+        return make_synthesizer(out_shape, cfg.channels)
 
 
 register(SyntheticGradients())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lctrun.config import CriticConfig
 from lctrun.methods import register
 from lctrun.methods.base import Method, Stage, StageContext, StepOut, classification_metrics, per_sample_loss
 from lctrun.methods.critics import (
@@ -28,23 +29,27 @@ from lctrun.methods.critics import (
 from lctrun.methods.optim import make_optimizer, make_scheduler
 
 
-def make_critic(out_shape, cfg, num_classes: int, index: int = 0, count: int = 1, per_step: bool = False) -> nn.Module:
+def make_critic(
+    out_shape, cfg: CriticConfig, num_classes: int, index: int = 0, count: int = 1, per_step: bool = False
+) -> nn.Module:
     """The classifier lct (a critic) and dgl (a head) attach after group `index` of the `count` that get one;
     critic.convs may give each its own depth."""
-    depth = critic_depth(cfg.critic, index, count)
-    return make_classifier(out_shape, num_classes, depth, cfg.critic.channels, per_step, cfg.critic.pool)
+    depth = critic_depth(cfg, index, count)
+    return make_classifier(out_shape, num_classes, depth, cfg.channels, per_step, cfg.pool)
 
 
 class ClassifierAux:
     """lct and dgl price their cuts with the classifier they attach."""
 
-    def aux_module(self, out_shape: tuple[int, ...], cfg, num_classes: int, index: int = 0, count: int = 1):
+    def aux_module(self, out_shape: tuple[int, ...], cfg: CriticConfig, num_classes: int, index: int = 0, count=1):
         return make_critic(out_shape, cfg, num_classes, index, count)
 
 
 def attach_classifier(stage: Stage, ctx: StageContext) -> nn.Module:
     per_step = getattr(stage.group[-1], "per_step", False)  # language models: a target at every step
-    return make_critic(ctx.out_shape, ctx.cfg, ctx.num_classes, ctx.index, ctx.num_groups - 1, per_step).to(ctx.device)
+    return make_critic(ctx.out_shape, ctx.cfg.critic, ctx.num_classes, ctx.index, ctx.num_groups - 1, per_step).to(
+        ctx.device
+    )
 
 
 class CriticStage(Stage):
