@@ -280,10 +280,8 @@ def num_groups(cfg: Experiment) -> int:
     return len(cfg.model.split) + 1 if cfg.model.split else cfg.model.groups
 
 
-def worker_device(cfg: Experiment, rank: int, local_rank: int) -> torch.device:
-    if len(cfg.devices) > 1:
-        return torch.device(cfg.devices[rank])
-    device = torch.device(cfg.devices[0])
+def worker_device(device: torch.device, local_rank: int) -> torch.device:
+    """A bare 'cuda' given for every worker means one GPU per worker of this machine, by local rank."""
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
     return device
@@ -291,8 +289,9 @@ def worker_device(cfg: Experiment, rank: int, local_rank: int) -> torch.device:
 
 def run_worker(cfg: Experiment, rank: int, world: int, local_rank: int, init_method: str, job):
     """Join the process group, build this worker's stage, and run `job(prepared, runtime, console)`."""
-    device = worker_device(cfg, rank, local_rank)
-    devices = [worker_device(cfg, r, r) for r in range(world)]
+    named = group_devices(cfg, world)  # parsed and checked once; every worker finds the same problem
+    device = worker_device(named[rank], local_rank)
+    devices = [worker_device(d, r) for r, d in enumerate(named)]
     # NCCL needs one rank per GPU; ranks that share a GPU, or run on CPU, talk over gloo.
     backend = "nccl" if device.type == "cuda" and len(set(devices)) == world else "gloo"
     if device.type == "cuda":
@@ -323,7 +322,6 @@ def run_worker(cfg: Experiment, rank: int, world: int, local_rank: int, init_met
                 f"runtime=distributed runs one worker per group: {world} workers but the cut gives "
                 f"{len(p.groups)} groups ({fix}, or change model.split/model.groups)"
             )
-        group_devices(cfg, world)
         stage = build_stage(p, rank, device)
         runtime = DistributedRuntime(p.method, stage, p.shapes)
         return job(p, runtime, Console() if rank == 0 else Console(quiet=True))
