@@ -68,10 +68,12 @@ def test_shapes_train_and_test_share_no_images(shapes):
     assert dist.min() > 0, "a test image also occurs in the training set"
 
 
-def test_shapes_generation_is_fast():
-    start = time.perf_counter()
+def test_shapes_generation_is_vectorised():
+    # this process's CPU seconds, not wall-clock, so a busy machine cannot fail it: ~1 s when the generator
+    # draws whole batches, minutes when it loops over pixels
+    start = time.process_time()
     load_shapes(3000, 1000, seed=3)
-    assert time.perf_counter() - start < 10.0  # ~0.6 s on 2 idle cores; generous for a loaded machine
+    assert time.process_time() - start < 20.0
 
 
 def _accuracy(model: nn.Module, loader: TensorLoader) -> float:
