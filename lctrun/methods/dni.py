@@ -56,7 +56,9 @@ class SyntheticGradients(Method):
     def make_stage(self, group: nn.Module, ctx: StageContext) -> Stage:
         return SynthesizerStage(group, ctx)
 
-    def aux_module(self, out_shape: tuple[int, ...], cfg: CriticConfig, num_classes: int, index: int = 0, count=1):
+    def aux_module(
+        self, out_shape: tuple[int, ...], cfg: CriticConfig, num_classes: int, index: int = 0, count: int = 1
+    ) -> nn.Module:
         return make_synthesizer(out_shape, cfg.channels)
 
 

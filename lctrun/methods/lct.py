@@ -41,7 +41,9 @@ def make_critic(
 class ClassifierAux:
     """lct and dgl price their cuts with the classifier they attach."""
 
-    def aux_module(self, out_shape: tuple[int, ...], cfg: CriticConfig, num_classes: int, index: int = 0, count=1):
+    def aux_module(
+        self, out_shape: tuple[int, ...], cfg: CriticConfig, num_classes: int, index: int = 0, count: int = 1
+    ) -> nn.Module:
         return make_critic(out_shape, cfg, num_classes, index, count)
 
 
