@@ -42,6 +42,10 @@ def test_version_and_list():
         (["method=lcx"], ["unknown method 'lcx'"]),
         (["model.split=[conv9]"], ["split point 'conv9' does not exist", "conv2"]),
         (["devices=[cpu,cpu]", "model.groups=3"], ["3 groups but only 2 devices"]),
+        (  # said by the workers themselves, as under torchrun, where no launcher checks first
+            ["devices=[cpu,cpu]", "model.split=[conv1,conv2]", "runtime=distributed", "data.name=fake"],
+            ["3 groups but only 2 devices"],
+        ),
         (
             ["data.root=/nonexistent"],
             ["dataset 'mnist' not found under /nonexistent/MNIST/raw", "LCTRUN_DATA", "download"],
