@@ -2,8 +2,11 @@
 
 Every configuration runs in fresh worker processes (so each has its own memory baseline) on fake
 data: warm-up steps first, then timed steps, `repeats` times; the table gives the median throughput and
-its spread ((max - min) / median), and marks a configuration noisy when the spread passes NOISY. The cut
-is the same for every configuration on K workers: the one given, or the first one measured.
+its spread ((max - min) / median), and marks a configuration noisy when the spread passes NOISY. Each
+method on K workers runs on its own cut: the one given, or the one model.balance=time chooses for it,
+its critic or auxiliary net included (measured by its first row), since a practitioner would balance
+the workers of the method they run. Model-parallel bp is also measured on every local method's cut, so
+that each local method has a layer-serial reference on the same cut.
 Rows: bp on 1 worker with 1 thread; bp on 1 worker with every core; model-parallel bp on K workers;
 pipelined bp on K workers (GPipe and 1F1B over M micro-batches, torch.distributed.pipelining), and
 torch.distributed.pipelining's GPipe on its own, without lctrun's runtime, as a check of the wiring;
@@ -146,6 +149,16 @@ def bench_configs(
 TORCH_ALONE = "torch.distributed.pipelining alone"
 
 
+def method_of(overrides: list[str]) -> str:
+    return next(o.split("=", 1)[1] for o in overrides if o.startswith("method="))
+
+
+def same_cut_of(overrides: list[str]) -> list[str] | None:
+    """The cut a row names itself (model-parallel bp on a local method's cut)."""
+    named = [o.split("=", 1)[1] for o in overrides if o.startswith("model.split=")]
+    return named[0].strip("[]").split(",") if named and named[0] != "[]" else None
+
+
 def check_bench_input(
     model: str,
     groups: int,
@@ -230,9 +243,12 @@ def bench(
     if split:
         base.append(f"model.split=[{','.join(split)}]")
     check_bench_input(model, groups, steps, warmup, methods, split, shape, repeats, schedules, microbatches, depths)
-    rows, cut = [], split
-    for label, extra in bench_configs(methods, groups, cores, schedules, microbatches, batch, depths):
-        on_k = "model.groups=1" not in extra
+    rows, cuts = [], {}  # method -> its cut, measured by its first row on K workers
+    configs = bench_configs(methods, groups, cores, schedules, microbatches, batch, depths)
+    while configs:
+        label, extra = configs.pop(0)
+        on_k, method = "model.groups=1" not in extra, method_of(extra)
+        cut = same_cut_of(extra) or split or cuts.get(method)
         cfg = load_experiment(None, base + extra + ([f"model.split=[{','.join(cut)}]"] if on_k and cut else []))
         job = BenchJob(warmup, steps)
         if label.endswith(TORCH_ALONE):
@@ -244,7 +260,7 @@ def bench(
         speeds = sorted(r["samples"] / r["seconds"] for r in results)
         result = min(results, key=lambda r: abs(r["samples"] / r["seconds"] - speeds[len(speeds) // 2]))
         if on_k and not cut:
-            cut = result["cut"].split(",")  # one cut for the whole table: the first one measured
+            cuts[method] = result["cut"].split(",")
         workers = result["workers"]
         critical = max(w["compute_s"] for w in workers)
         median = (
@@ -275,25 +291,35 @@ def bench(
                 "wait_s_per_worker": "/".join(f"{w['wait_s']:.2f}" for w in workers),
             }
         )
+        serial_cuts = {r["cut"] for r in rows if r["config"].startswith("bp model-parallel")}
+        last_of_method = not configs or method_of(configs[0][1]) != method
+        if "bp" in methods and last_of_method and result["cut"] not in serial_cuts | {"-"}:
+            # a local method on a cut of its own: model-parallel bp there too, the layer-serial reference
+            label = f"bp model-parallel, {groups} workers, {method}'s cut"
+            configs.insert(0, (label, ["method=bp", f"model.split=[{result['cut']}]"]))
     frame = pd.DataFrame(rows)
     bp1, bpall = frame["samples_per_s"].iloc[0], frame["samples_per_s"].iloc[1]
     best = frame[frame["config"].str.startswith("bp ")].sort_values("samples_per_s").iloc[-1]
+    layer_serial = frame[frame["config"].str.startswith("bp model-parallel")].set_index("cut")["samples_per_s"]
     frame.insert(4, "speedup_vs_best_bp", frame["samples_per_s"] / best["samples_per_s"])
-    frame.insert(5, "speedup_vs_bp_1t", frame["samples_per_s"] / bp1)
-    frame.insert(6, f"speedup_vs_bp_{cores}t", frame["samples_per_s"] / bpall)
-    frame.insert(10, "ideal_speedup_vs_bp_1t", frame["ideal_samples_per_s"] / bp1)
+    frame.insert(5, "speedup_vs_mp_bp_same_cut", frame["samples_per_s"] / frame["cut"].map(layer_serial))
+    frame.insert(6, "speedup_vs_bp_1t", frame["samples_per_s"] / bp1)
+    frame.insert(7, f"speedup_vs_bp_{cores}t", frame["samples_per_s"] / bpall)
+    frame.insert(11, "ideal_speedup_vs_bp_1t", frame["ideal_samples_per_s"] / bp1)
     frame["mem_vs_bp_1t"] = frame["max_peak_mem_mb"] / frame["max_peak_mem_mb"].iloc[0]
     frame = frame.round(3)
     tag = hardware_tag()
+    cut_text = ", ".join(f"{m} {','.join(c)}" for m, c in cuts.items()) or ",".join(split or []) or "-"
     header = (
         f"# lctrun bench: {model}, K={groups}, batch {batch}, input {'x'.join(map(str, shape))} (fake data)\n\n"
         f"hardware: {tag}; device: {device}; {steps} timed steps after {warmup} warm-up, median of {repeats} "
         f"repeats in fresh processes (spread = (max - min) / median; 'noisy' above {NOISY:.0%}: do not trust "
-        f"its ratios); one cut for every K-worker row ({','.join(cut or []) or '-'}); local methods at "
+        f"its ratios); cuts: {cut_text}; local methods at "
         f"pipeline_depth {', '.join(map(str, depths))} (depth 1: no batch in flight, overlap within a step only); "
         f"commit {git_commit()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', 'unset')}; "
         f"{time.strftime('%Y-%m-%d')}. Peak memory: per worker, above its own baseline after start-up. "
-        f"The cut, unless given, balances measured time per block for the first K-worker row. "
+        f"A method's cut, unless given, balances measured time per block and critic for its first row; "
+        f"speedup_vs_mp_bp_same_cut is against model-parallel bp (layer-serial) on the row's own cut. "
         f"Critic: {cfg.critic.convs[0]} x conv3x3({cfg.critic.channels}) + linear; "
         f"extra overrides: {' '.join(overrides or []) or 'none'}. "
         f"Best bp (speedup_vs_best_bp = 1): {best['config']}. Pipelined bp: pipeline.schedule over M micro-batches "
@@ -308,6 +334,7 @@ def bench(
             "samples_per_s",
             "noisy",
             "speedup_vs_best_bp",
+            "speedup_vs_mp_bp_same_cut",
             "speedup_vs_bp_1t",
             f"speedup_vs_bp_{cores}t",
             "ideal_speedup_vs_bp_1t",
@@ -322,6 +349,7 @@ def bench(
         "samples/s",
         "noisy",
         "x best bp",
+        "x mp bp, cut",
         "x bp 1t",
         f"x bp {cores}t",
         "ideal x bp 1t",

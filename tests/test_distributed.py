@@ -228,6 +228,8 @@ def test_bench_measures_every_configuration(tmp_path):
         schedules=["gpipe"],
         microbatches=[2],
         depths=[1, 2],
+        # deterministic cuts: by FLOPs bp cuts after conv2, lct with a wide critic after fc1
+        overrides=["model.balance=flops", "critic.channels=256"],
         out_dir=tmp_path,
     )
     assert list(frame["config"]) == [
@@ -238,17 +240,20 @@ def test_bench_measures_every_configuration(tmp_path):
         "bp gpipe M=2, 2 workers, torch.distributed.pipelining alone",
         "lct 2 workers, depth 1",
         "lct 2 workers, depth 2",
+        "bp model-parallel, 2 workers, lct's cut",  # the layer-serial reference on lct's own cut
     ]
     best = frame[frame["config"].str.startswith("bp ")]["samples_per_s"].max()
     assert (frame["speedup_vs_best_bp"] == (frame["samples_per_s"] / best).round(3)).all()
     assert (frame["samples_per_s"] > 0).all() and (frame["spread"] >= 0).all()
     assert set(frame["noisy"]) <= {"", "noisy"} and ((frame["spread"] > 0.1) == (frame["noisy"] == "noisy")).all()
-    assert frame["cut"].iloc[2] == frame["cut"].iloc[5] != "-"  # one cut (measured once) for every K-worker row
+    assert list(frame["cut"]) == ["-", "-", "conv2", "conv2", "conv2", "fc1", "fc1", "fc1"]  # each method its own
+    serial = frame.set_index("config")["samples_per_s"]
+    on_conv2, on_fc1 = serial["bp model-parallel, 2 workers"], serial["bp model-parallel, 2 workers, lct's cut"]
+    expected = frame["samples_per_s"] / ([float("nan")] * 2 + [on_conv2] * 3 + [on_fc1] * 3)
+    got = frame["speedup_vs_mp_bp_same_cut"]
+    assert list(got.isna()) == [True] * 2 + [False] * 6 and ((got - expected).abs()[2:] < 2e-3).all()
     per_sample = {"conv1": 32 * 14 * 14 * 4, "conv2": 64 * 7 * 7 * 4, "conv3": 128 * 3 * 3 * 4, "fc1": 256 * 4}
-    activation = per_sample[frame["cut"].iloc[2]]  # the cut's output per sample
-    assert frame["bytes_per_sample"].iloc[2] == 2 * activation  # bp: activations forward, gradients back
-    assert frame["bytes_per_sample"].iloc[3] == frame["bytes_per_sample"].iloc[4] == 2 * activation  # micro-batched
-    assert (
-        frame["bytes_per_sample"].iloc[5] == frame["bytes_per_sample"].iloc[6] == activation + 4
-    )  # lct: one loss back
-    assert list(tmp_path.glob("*cnn-small-k2.csv")) and list(tmp_path.glob("*cnn-small-k2.md"))
+    sent = list(frame["bytes_per_sample"])  # bp: activations forward, gradients back (micro-batched or not)
+    assert sent[2] == sent[3] == sent[4] == 2 * per_sample["conv2"]
+    assert sent[5] == sent[6] == per_sample["fc1"] + 4 and sent[7] == 2 * per_sample["fc1"]  # lct: one loss back
+    assert list(tmp_path.glob("*cnn-small-k2-*.csv")) and list(tmp_path.glob("*cnn-small-k2-*.md"))
