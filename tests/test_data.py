@@ -133,6 +133,8 @@ def test_loader_covers_every_sample_once_per_epoch():
         assert torch.allclose(torch.cat([b.x for b in batches]), x[idx].float() / 255)
     dropped = TensorLoader(x, y, 10, shuffle=True, seed=5, drop_last=True)
     assert len(dropped) == 10 and sum(len(b.y) for b in dropped) == 100
+    for each in (loader, dropped):  # what a worker posts a receive for before the batch exists
+        assert [each.batch_len(step) for step in range(1, len(each) + 1)] == [len(b.y) for b in each]
 
 
 def test_loader_order_depends_only_on_seed_and_epoch():
