@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +201,13 @@ def check_bench_input(
             )
 
 
+def median_and_spread(speeds: list[float]) -> tuple[float, float]:
+    """The median of the repeats' speeds, and their spread (max - min) / median rounded as the table prints
+    it, so that the noisy flag agrees with the printed figure (a spread of 0.1004 shows as 0.1: not noisy)."""
+    median = statistics.median(speeds)
+    return median, round((max(speeds) - min(speeds)) / median, 3)
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -257,19 +265,13 @@ def bench(
         results = []
         for _ in range(repeats):
             results.append(spawn_workers(cfg, job, console=console))
-        speeds = sorted(r["samples"] / r["seconds"] for r in results)
-        result = min(results, key=lambda r: abs(r["samples"] / r["seconds"] - speeds[len(speeds) // 2]))
-        if on_k and not cut:
-            cuts[method] = result["cut"].split(",")
+            if on_k and not cut:  # the first repeat chooses the method's cut (timed); the others run on it
+                cut = cuts[method] = results[0]["cut"].split(",")
+                cfg = load_experiment(None, base + extra + [f"model.split=[{results[0]['cut']}]"])
+        median, spread = median_and_spread([r["samples"] / r["seconds"] for r in results])
+        result = min(results, key=lambda r: abs(r["samples"] / r["seconds"] - median))  # a repeat at the median
         workers = result["workers"]
         critical = max(w["compute_s"] for w in workers)
-        median = (
-            speeds[len(speeds) // 2]
-            if len(speeds) % 2
-            else sum(speeds[len(speeds) // 2 - 1 : len(speeds) // 2 + 1]) / 2
-        )
-        # rounded as the table prints it, so the flag agrees with the printed spread (0.1004 shows as 0.1)
-        spread = round((speeds[-1] - speeds[0]) / median, 3)
         rows.append(
             {
                 "config": label,

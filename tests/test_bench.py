@@ -1,0 +1,66 @@
+"""`lctrun bench`: its summary of repeats, and every configuration measured in fresh worker processes."""
+
+import math
+import os
+
+import pytest
+
+from lctrun.bench import bench, median_and_spread
+
+
+@pytest.mark.parametrize(
+    "speeds, median, spread",
+    [
+        ([100.0], 100.0, 0.0),
+        ([90.0, 110.0, 100.0], 100.0, 0.2),
+        ([100.0, 110.04], 105.02, 0.096),
+        ([100.0, 110.04, 95.0], 100.0, 0.15),
+        ([95.0, 105.0, 100.0, 100.0], 100.0, 0.1),  # 0.1 exactly: printed as 0.1, and not above NOISY
+    ],
+)
+def test_median_and_spread_are_what_the_table_prints(speeds, median, spread):
+    got_median, got_spread = median_and_spread(speeds)
+    assert math.isclose(got_median, median) and got_spread == spread
+
+
+def test_bench_measures_every_configuration(tmp_path):
+    frame = bench(
+        "cnn-small",
+        groups=2,
+        batch=16,
+        shape=(1, 28, 28),
+        methods=["bp", "lct"],
+        steps=3,
+        warmup=1,
+        repeats=2,
+        schedules=["gpipe"],
+        microbatches=[2],
+        depths=[1],
+        # deterministic cuts: by FLOPs bp cuts after conv2, lct with a wide critic after fc1
+        overrides=["model.balance=flops", "critic.channels=256"],
+        out_dir=tmp_path,
+    )
+    assert list(frame["config"]) == [
+        "bp 1 worker, 1 thread",
+        f"bp 1 worker, {os.cpu_count()} threads",
+        "bp model-parallel, 2 workers",
+        "bp gpipe M=2, 2 workers",
+        "bp gpipe M=2, 2 workers, torch.distributed.pipelining alone",
+        "lct 2 workers, depth 1",
+        "bp model-parallel, 2 workers, lct's cut",  # the layer-serial reference on lct's own cut
+    ]
+    best = frame[frame["config"].str.startswith("bp ")]["samples_per_s"].max()
+    assert (frame["speedup_vs_best_bp"] == (frame["samples_per_s"] / best).round(3)).all()
+    assert (frame["samples_per_s"] > 0).all() and (frame["spread"] >= 0).all()
+    assert set(frame["noisy"]) <= {"", "noisy"} and ((frame["spread"] > 0.1) == (frame["noisy"] == "noisy")).all()
+    assert list(frame["cut"]) == ["-", "-", "conv2", "conv2", "conv2", "fc1", "fc1"]  # each method its own
+    serial = frame.set_index("config")["samples_per_s"]
+    on_conv2, on_fc1 = serial["bp model-parallel, 2 workers"], serial["bp model-parallel, 2 workers, lct's cut"]
+    expected = frame["samples_per_s"] / ([float("nan")] * 2 + [on_conv2] * 3 + [on_fc1] * 2)
+    got = frame["speedup_vs_mp_bp_same_cut"]
+    assert list(got.isna()) == [True] * 2 + [False] * 5 and ((got - expected).abs()[2:] < 2e-3).all()
+    per_sample = {"conv1": 32 * 14 * 14 * 4, "conv2": 64 * 7 * 7 * 4, "conv3": 128 * 3 * 3 * 4, "fc1": 256 * 4}
+    sent = list(frame["bytes_per_sample"])  # bp: activations forward, gradients back (micro-batched or not)
+    assert sent[2] == sent[3] == sent[4] == 2 * per_sample["conv2"]
+    assert sent[5] == per_sample["fc1"] + 4 and sent[6] == 2 * per_sample["fc1"]  # lct: one loss back
+    assert list(tmp_path.glob("*cnn-small-k2-*.csv")) and list(tmp_path.glob("*cnn-small-k2-*.md"))
