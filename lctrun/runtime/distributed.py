@@ -2,7 +2,8 @@
 
 `lctrun train ... runtime=distributed` spawns the K local workers itself; under
 `torchrun --nproc_per_node ... -m lctrun train ...` each process reads RANK/WORLD_SIZE/LOCAL_RANK.
-Worker k holds stage k only. Per batch it receives its input from worker k-1, steps, sends its
+Worker k holds stage k only. Per batch it receives its input from worker k-1 (the receive of the next
+batch's input is posted first, so that it arrives during this step), steps, sends its
 output to worker k+1 and its backward message to worker k-1. With pipeline_depth D it runs ahead up
 to D batches before it must take group k+1's feedback for the oldest one (D=1: synchronous, the same
 updates as the serial runtime). Methods that defer their backward message (bp) always run with D=1.
