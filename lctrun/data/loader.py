@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 
 from lctrun.data.bundle import to_unit_float
 
@@ -23,7 +23,7 @@ class Batch(NamedTuple):
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """An independent random crop per sample after zero padding (v2.RandomCrop draws one for the batch)."""
     b, _, h, w = x.shape
-    padded = F.pad(x, [padding] * 4)  # zeros on every side
+    padded = TF.pad(x, [padding])
     dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
     dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
@@ -35,7 +35,7 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return torch.where(flip[:, None, None, None], TF.horizontal_flip(x), x)
 
 
 class TensorLoader:
@@ -81,6 +81,10 @@ class TensorLoader:
         n = len(self.y)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def batch_len(self, step: int) -> int:
+        """Samples in batch `step` (numbered from 1) of a pass."""
+        return min(self.batch_size, len(self.y) - (step - 1) * self.batch_size)
+
     def prepare(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         x = to_unit_float(x.to(self.device, non_blocking=True))
         if generator is not None and self.augment != "none":
@@ -89,8 +93,7 @@ class TensorLoader:
             if "flip" in self.augment:
                 x = random_flip(x, generator)
         if self.mean is not None and x.dim() == 4:
-            mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-            x = (x - mean).div_(torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1))
+            x = TF.normalize(x, self.mean, self.std)
         return x
 
     def __iter__(self):
