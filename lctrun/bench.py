@@ -154,12 +154,6 @@ def method_of(overrides: list[str]) -> str:
     return next(o.split("=", 1)[1] for o in overrides if o.startswith("method="))
 
 
-def same_cut_of(overrides: list[str]) -> list[str] | None:
-    """The cut a row names itself (model-parallel bp on a local method's cut)."""
-    named = [o.split("=", 1)[1] for o in overrides if o.startswith("model.split=")]
-    return named[0].strip("[]").split(",") if named and named[0] != "[]" else None
-
-
 def check_bench_input(
     model: str,
     groups: int,
@@ -252,12 +246,18 @@ def bench(
         base.append(f"model.split=[{','.join(split)}]")
     check_bench_input(model, groups, steps, warmup, methods, split, shape, repeats, schedules, microbatches, depths)
     rows, cuts = [], {}  # method -> its cut, measured by its first row on K workers
-    configs = bench_configs(methods, groups, cores, schedules, microbatches, batch, depths)
+    # (label, overrides, the row's own cut or None)
+    configs = [(*row, None) for row in bench_configs(methods, groups, cores, schedules, microbatches, batch, depths)]
+
+    def config_of(extra: list[str], cut: list[str] | None):
+        on_k = "model.groups=1" not in extra
+        return load_experiment(None, base + extra + ([f"model.split=[{','.join(cut)}]"] if on_k and cut else []))
+
     while configs:
-        label, extra = configs.pop(0)
+        label, extra, cut = configs.pop(0)
         on_k, method = "model.groups=1" not in extra, method_of(extra)
-        cut = same_cut_of(extra) or split or cuts.get(method)
-        cfg = load_experiment(None, base + extra + ([f"model.split=[{','.join(cut)}]"] if on_k and cut else []))
+        cut = cut or split or cuts.get(method)
+        cfg = config_of(extra, cut)
         job = BenchJob(warmup, steps)
         if label.endswith(TORCH_ALONE):
             job = TorchPipelineJob(warmup, steps, cfg.pipeline.microbatches)
@@ -267,7 +267,7 @@ def bench(
             results.append(spawn_workers(cfg, job, console=console))
             if on_k and not cut:  # the first repeat chooses the method's cut (timed); the others run on it
                 cut = cuts[method] = results[0]["cut"].split(",")
-                cfg = load_experiment(None, base + extra + [f"model.split=[{results[0]['cut']}]"])
+                cfg = config_of(extra, cut)
         median, spread = median_and_spread([r["samples"] / r["seconds"] for r in results])
         result = min(results, key=lambda r: abs(r["samples"] / r["seconds"] - median))  # a repeat at the median
         workers = result["workers"]
@@ -298,7 +298,7 @@ def bench(
         if "bp" in methods and last_of_method and result["cut"] not in serial_cuts | {"-"}:
             # a local method on a cut of its own: model-parallel bp there too, the layer-serial reference
             label = f"bp model-parallel, {groups} workers, {method}'s cut"
-            configs.insert(0, (label, ["method=bp", f"model.split=[{result['cut']}]"]))
+            configs.insert(0, (label, ["method=bp"], result["cut"].split(",")))
     frame = pd.DataFrame(rows)
     bp1, bpall = frame["samples_per_s"].iloc[0], frame["samples_per_s"].iloc[1]
     best = frame[frame["config"].str.startswith("bp ")].sort_values("samples_per_s").iloc[-1]
