@@ -22,6 +22,13 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+# Imported before any process group exists: its functions take group.WORLD as a default argument when
+# the module is first imported. Imported later (torch._dynamo pulls it in lazily), they would pin the
+# process group, so destroy_process_group could not join gloo's threads, and one of them could free a
+# tensor while the interpreter shuts down: the worker then aborts ("terminate called without an active
+# exception") after its work is done.
+import torch.distributed.nn  # noqa: F401, I001
 from rich.console import Console
 
 from lctrun.config import Experiment
