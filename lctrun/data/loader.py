@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torchvision.transforms.v2.functional as TF
+import torch.nn.functional as F
 
 from lctrun.data.bundle import to_unit_float
 
@@ -23,7 +23,7 @@ class Batch(NamedTuple):
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """An independent random crop per sample after zero padding (v2.RandomCrop draws one for the batch)."""
     b, _, h, w = x.shape
-    padded = TF.pad(x, [padding])
+    padded = F.pad(x, [padding] * 4)  # zeros on every side
     dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
     dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
@@ -35,7 +35,7 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     flip = (torch.rand(x.shape[0], generator=generator) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], TF.horizontal_flip(x), x)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 class TensorLoader:
@@ -89,7 +89,8 @@ class TensorLoader:
             if "flip" in self.augment:
                 x = random_flip(x, generator)
         if self.mean is not None and x.dim() == 4:
-            x = TF.normalize(x, self.mean, self.std)
+            mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+            x = (x - mean).div_(torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1))
         return x
 
     def __iter__(self):
