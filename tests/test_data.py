@@ -136,6 +136,8 @@ def test_loader_covers_every_sample_once_per_epoch():
     mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
     normalised = torch.cat([b.x for b in TensorLoader(x, y, 10, shuffle=False, mean=mean, std=std)])
     assert torch.allclose(normalised, (x.float() / 255 - mean[:, None, None]) / std[:, None, None], atol=1e-6)
+    for each in (loader, dropped):  # what a worker posts a receive for before the batch exists
+        assert [each.batch_len(step) for step in range(1, len(each) + 1)] == [len(b.y) for b in each]
 
 
 def test_loader_order_depends_only_on_seed_and_epoch():

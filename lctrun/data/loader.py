@@ -81,6 +81,10 @@ class TensorLoader:
         n = len(self.y)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def batch_len(self, step: int) -> int:
+        """Samples in batch `step` (numbered from 1) of a pass."""
+        return min(self.batch_size, len(self.y) - (step - 1) * self.batch_size)
+
     def prepare(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         x = to_unit_float(x.to(self.device, non_blocking=True))
         if generator is not None and self.augment != "none":

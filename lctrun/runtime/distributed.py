@@ -77,6 +77,19 @@ class DistributedRuntime:
             return batch.x
         return self.channel.recv((len(batch.y), *shape), self.rank - 1, tag)
 
+    def _step_input(self, batch, step: int) -> torch.Tensor:
+        """The input of training step `step`, with the receive of the next step's posted first, so that its
+        transfer overlaps this step's compute. Never past a step where the pass may stop (a stop question):
+        the sender would stop too, and the posted receive would never complete."""
+        if self.first:
+            return batch.x
+        shape, loader = self.stage.wire.in_shape, self.loader
+        posted = self.ahead or self.channel.post((len(batch.y), *shape), self.rank - 1, FORWARD)
+        self.ahead = None
+        if step < len(loader) and step % STOP_CHECK_EVERY:
+            self.ahead = self.channel.post((loader.batch_len(step + 1), *shape), self.rank - 1, FORWARD)
+        return self.channel.take(posted)
+
     def _take_feedback(self, batch_size: int) -> None:
         shape = (batch_size, *self.stage.wire.feedback_shape)
         deferred = self.stage.feedback(self.channel.recv(shape, self.rank + 1, BACKWARD))
@@ -146,6 +159,7 @@ class DistributedRuntime:
                 wire.depth - 1,
             )
         self.stop_at, self.first_step = None, run.first_step  # a resumed pass asks from here on, on every worker
+        self.loader, self.ahead = run.loader, None  # ahead: the next step's input, its receive posted
         if partial and "counters" in partial:  # the traffic and waiting before the stop belong to this row too
             self.channel.add_counters(partial["counters"])
 
@@ -160,7 +174,7 @@ class DistributedRuntime:
         elif self.pipeline:
             x = batch.x if self.first else None
         else:
-            x = self._input(batch, FORWARD, wire.in_shape)
+            x = self._step_input(batch, step)
         y = batch.y.to(self.stage.device, non_blocking=True)
         self.early = [False, False]
         out = self.pipeline.step(x, y) if self.pipeline else self.stage.train_step(x, y, batch.idx)

@@ -41,9 +41,18 @@ class Channel:
             self._wait_oldest_send()
 
     def recv(self, shape: tuple[int, ...], src: int, tag: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.take(self.post(shape, src, tag, dtype))
+
+    def post(self, shape: tuple[int, ...], src: int, tag: int, dtype: torch.dtype = torch.float32) -> tuple:
+        """Start receiving a message, to `take` later: the transfer can run while this worker computes
+        (receives from one source with one tag complete in the order they were posted)."""
         buffer = torch.empty(shape, dtype=dtype, device="cpu" if self.stage_via_cpu else self.device)
+        return dist.irecv(buffer, src, tag=tag), buffer
+
+    def take(self, posted: tuple) -> torch.Tensor:
+        work, buffer = posted
         start = time.perf_counter()
-        dist.irecv(buffer, src, tag=tag).wait()
+        work.wait()
         self.wait_seconds += time.perf_counter() - start
         self.bytes_received += buffer.numel() * buffer.element_size()
         return buffer.to(self.device, non_blocking=True)
