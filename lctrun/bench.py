@@ -250,13 +250,12 @@ def bench(
     configs = [(*row, None) for row in bench_configs(methods, groups, cores, schedules, microbatches, batch, depths)]
 
     def config_of(extra: list[str], cut: list[str] | None):
-        on_k = "model.groups=1" not in extra
-        return load_experiment(None, base + extra + ([f"model.split=[{','.join(cut)}]"] if on_k and cut else []))
+        return load_experiment(None, base + extra + ([f"model.split=[{','.join(cut)}]"] if cut else []))
 
     while configs:
         label, extra, cut = configs.pop(0)
         on_k, method = "model.groups=1" not in extra, method_of(extra)
-        cut = cut or split or cuts.get(method)
+        cut = (cut or split or cuts.get(method)) if on_k else None  # one worker: no cut
         cfg = config_of(extra, cut)
         job = BenchJob(warmup, steps)
         if label.endswith(TORCH_ALONE):

@@ -59,8 +59,9 @@ class TensorLoader:
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
         self.device, self.load_x = torch.device(device), load_x
-        self.mean = None if mean is None else mean.tolist()
-        self.std = None if std is None else std.tolist()
+        # shaped to broadcast over (batch, C, H, W) batches, made once rather than per batch
+        self.mean = None if mean is None else mean.to(self.device, torch.float32).view(-1, 1, 1)
+        self.std = None if std is None else std.to(self.device, torch.float32).view(-1, 1, 1)
         self.epoch = 0
         self._position: tuple[int, torch.Tensor] | None = None
         self.generator: torch.Generator | None = None
@@ -93,8 +94,7 @@ class TensorLoader:
             if "flip" in self.augment:
                 x = random_flip(x, generator)
         if self.mean is not None and x.dim() == 4:
-            mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-            x = (x - mean).div_(torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1))
+            x = (x - self.mean).div_(self.std)
         return x
 
     def __iter__(self):
