@@ -51,8 +51,10 @@ class BenchJob:
 
         def loader(start: int, count: int) -> TensorLoader:
             part = slice(start * batch, (start + count) * batch)
+            x, y = d.train_x[part], d.train_y[part]
+            fmt = p.cfg.memory_format
             return TensorLoader(
-                d.train_x[part], d.train_y[part], batch, shuffle=True, device=device, load_x=runtime.needs_inputs
+                x, y, batch, shuffle=True, device=device, load_x=runtime.needs_inputs, memory_format=fmt
             )
 
         warmup = loader(0, self.warmup)

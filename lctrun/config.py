@@ -81,7 +81,9 @@ class LayerParallelConfig:
     beta_max: float = 1000.0
     lambda_lr: float = 100.0  # eta, step size of the proximal auxiliary-variable update
     fit_step: float = 0.1  # a regression step of group k < K is at most this times the Polyak step (layerpar.py)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # storage of lambda, mu and the stored phi (fp32 arithmetic)
+    # storage of lambda, mu and the stored phi (their arithmetic is fp32); not the compute precision (`precision`).
+    # Was `layerpar.precision`, still read (ALIASES)
+    storage: Literal["fp32", "bf16", "fp16"] = "fp32"
     downsample: Literal[1, 2, 4] = 1  # spatial factor of what crosses / is stored at a boundary
     filter: Literal["avg", "bilinear"] = "avg"  # avg (average pool down, nearest up) | bilinear (antialiased down)
     sph: bool = False  # serial-parallel hybrid: alternate parallel and serial (backprop) phases
@@ -120,6 +122,14 @@ class Experiment:
     eval_every: int = 1  # epochs between test evaluations (the last epoch is always evaluated)
     submodels: bool = True  # evaluate sub-models / ensembles / progressive inference where a method has them
     exit_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    # the compute precision of every forward (autocast): groups, critics, heads, synthesizers, probes; parameters,
+    # optimiser state and the losses a rule compares stay fp32, and activations/gradients cross cuts in it
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    memory_format: Literal["contiguous", "channels_last"] = "contiguous"  # of the model and every batch (4-D only)
+
+
+# Old key names still read: a file or override with the key on the left sets the one on the right.
+ALIASES = {"layerpar.precision": "layerpar.storage"}
 
 
 def _type_name(tp: Any) -> str:
@@ -189,6 +199,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
+        key = ALIASES.get(prefix + str(key), prefix + str(key))[len(prefix) :]
         if key not in hints:
             raise _unknown_key(str(key), names, prefix)
         kwargs[key] = _coerce(value, hints[key], prefix + key)
@@ -321,6 +332,19 @@ def validate(cfg: Experiment) -> None:
         raise ConfigError(f"workers must be >= 1, got {cfg.workers}")
     if cfg.threads_per_worker is not None and cfg.threads_per_worker < 1:
         raise ConfigError(f"threads_per_worker must be >= 1, got {cfg.threads_per_worker}")
+    check_compute(cfg)
+
+
+def check_compute(cfg: Experiment) -> None:
+    """precision and memory_format against the devices and the data (lctrun.precision)."""
+    from lctrun.data import input_shape
+    from lctrun.precision import check_precision
+
+    try:
+        shape = input_shape(cfg.data)
+    except ConfigError:  # an unknown dataset is said where the data is loaded, with its suggestions
+        shape = None
+    check_precision(cfg.precision, cfg.memory_format, cfg.devices, None if shape is None else len(shape))
 
 
 def check_microbatches(cfg: Experiment) -> None:

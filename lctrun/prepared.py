@@ -15,6 +15,7 @@ from lctrun.errors import ConfigError
 from lctrun.methods import EpochPlan, Method, build_stage, get_method, group_shapes
 from lctrun.models import build_model, split_groups
 from lctrun.models.chain import Group
+from lctrun.precision import check_precision, in_memory_format
 from lctrun.runtime.serial import SerialRuntime
 
 
@@ -62,6 +63,8 @@ def prepare(cfg: Experiment, check_devices: bool = True) -> Prepared:
     """Everything a runtime needs, built the same way (same seed) in every process."""
     method = get_method(cfg.method)
     data = load_data(cfg.data, cfg.seed)
+    check_precision(cfg.precision, cfg.memory_format, cfg.devices, len(data.in_shape))  # the data's own shape
+    data = in_memory_format(data, cfg.memory_format)
     seed_everything(cfg.seed)
     try:  # building and cutting run the model on a sample: inputs too small for it fail here
         model = build_model(cfg.model.name, data.num_classes, data.in_shape)
@@ -89,8 +92,8 @@ def prepare(cfg: Experiment, check_devices: bool = True) -> Prepared:
 def make_loaders(p: Prepared, device: torch.device, load_x: bool = True) -> tuple[TensorLoader, TensorLoader]:
     d, cfg = p.data, p.cfg
     return (
-        train_loader(d, cfg.data.batch_size, cfg.seed, device, load_x),
-        test_loader(d, cfg.data.test_batch_size, device, load_x),
+        train_loader(d, cfg.data.batch_size, cfg.seed, device, load_x, cfg.memory_format),
+        test_loader(d, cfg.data.test_batch_size, device, load_x, cfg.memory_format),
     )
 
 
@@ -111,6 +114,7 @@ def begin_epoch(p: Prepared, runtime, epoch: int, loader: TensorLoader, refresh:
             std=p.data.std,
             device=loader.device,
             load_x=loader.load_x,
+            memory_format=p.cfg.memory_format,
         )
         runtime.refresh(ordered)
     return plan

@@ -27,7 +27,8 @@ from lctrun.data import DataBundle, TensorLoader, train_loader
 from lctrun.evaluation import accuracy, percent_correct
 from lctrun.methods.lct import make_critic
 from lctrun.models.chain import forward_flops
-from lctrun.runtime.base import EvalOutput
+from lctrun.precision import autocast, to_memory_format
+from lctrun.runtime.base import EvalOutput, autocast_of
 
 __all__ = [
     "count_flops",
@@ -276,8 +277,9 @@ def probe_heads(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         heads = [_make_head(cfg, shapes[k + 1], data.num_classes, k, K).to(devices[k]) for k in range(K - 1)]
+    heads = [to_memory_format(h, cfg.memory_format) for h in heads]
     opts = [torch.optim.Adam(h.parameters(), lr=lr) for h in heads]
-    loader = train_loader(data, cfg.data.batch_size, cfg.seed + 1, devices[0])
+    loader = train_loader(data, cfg.data.batch_size, cfg.seed + 1, devices[0], memory_format=cfg.memory_format)
     modes = [g.training for g in groups]
     for g in groups:
         g.eval()
@@ -289,9 +291,10 @@ def probe_heads(
             for batch in loader:
                 h = batch.x
                 for k, head in enumerate(heads):
-                    with torch.no_grad():
+                    with autocast(cfg.precision, devices), torch.no_grad():
                         h = groups[k](h.to(devices[k]))
-                    loss = F.cross_entropy(head(h), batch.y.to(devices[k]))
+                    with autocast(cfg.precision, devices):
+                        loss = F.cross_entropy(head(h).float(), batch.y.to(devices[k]))
                     opts[k].zero_grad(set_to_none=True)
                     loss.backward()
                     opts[k].step()
@@ -346,7 +349,8 @@ def structural_report(p, runtime, test_loader: TensorLoader, run_dir: Path, thre
     K = len(groups)
     if p.method.name == "bp" and K > 1:
         auxes: list[nn.Module | None] = probe_heads(groups, p.data, p.cfg, epochs=max(1, p.cfg.epochs // 2))
-        out = evaluate_submodels(groups, auxes, test_loader)
+        with autocast_of(stages):
+            out = evaluate_submodels(groups, auxes, test_loader)
     else:
         out = runtime.evaluate(test_loader)
         # only auxiliary modules that produced logits are classifiers (a dni synthesizer is not)

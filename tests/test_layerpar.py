@@ -152,7 +152,7 @@ def test_refresh_leaves_batchnorm_running_statistics_alone():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_auxiliary_variables_are_stored_at_the_configured_precision(precision):
-    _, runtime = parallel_runtime(["method=al", "model.split=[conv2]", f"layerpar.precision={precision}"])
+    _, runtime = parallel_runtime(["method=al", "model.split=[conv2]", f"layerpar.storage={precision}"])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     assert runtime.stages[1].lam.dtype == runtime.stages[1].mu.dtype == runtime.stages[1].phi.dtype == dtype
 

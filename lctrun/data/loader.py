@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lctrun.data.bundle import to_unit_float
+from lctrun.precision import MEMORY_FORMATS
 
 
 class Batch(NamedTuple):
@@ -21,16 +22,19 @@ class Batch(NamedTuple):
 
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """An independent random crop per sample after zero padding (v2.RandomCrop draws one for the batch)."""
+    """An independent random crop per sample after zero padding (v2.RandomCrop draws one for the batch).
+    A channels-last batch stays channels-last: it is gathered as NHWC."""
     b, _, h, w = x.shape
     padded = F.pad(x, [padding] * 4)  # zeros on every side
     dy = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
     dx = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
     chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    return padded[batch, chan, rows, cols]
+    return padded[batch[:, None], chan, rows[:, None], cols[:, None]]
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -55,7 +59,11 @@ class TensorLoader:
         device: torch.device | str = "cpu",
         drop_last: bool = False,
         load_x: bool = True,
+        memory_format: str | None = None,
     ):
+        self.memory_format = MEMORY_FORMATS[memory_format] if memory_format else None  # None: as x is
+        if x.dim() == 4 and self.memory_format:  # the whole set once (no copy when it is already), not per batch
+            x = x.contiguous(memory_format=self.memory_format)
         self.x, self.y, self.batch_size = x, y, batch_size
         self.shuffle, self.augment, self.seed, self.drop_last = shuffle, augment, seed, drop_last
         self.device, self.load_x = torch.device(device), load_x
@@ -66,6 +74,7 @@ class TensorLoader:
         self._position: tuple[int, torch.Tensor] | None = None
         self.generator: torch.Generator | None = None
         self.data_seconds = 0.0  # time spent producing batches (for the data-share measurement)
+        self.checked = False  # the first batch's layout
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -95,6 +104,10 @@ class TensorLoader:
                 x = random_flip(x, generator)
         if self.mean is not None and x.dim() == 4:
             x = (x - self.mean).div_(self.std)
+        if not self.checked:  # every op above keeps the layout: checked once, not converted per batch
+            self.checked = True
+            if x.dim() == 4 and self.memory_format and not x.is_contiguous(memory_format=self.memory_format):
+                raise RuntimeError(f"the loader made a batch that is not in {self.memory_format}")
         return x
 
     def __iter__(self):
@@ -116,7 +129,9 @@ class TensorLoader:
             yield batch
 
 
-def train_loader(bundle, batch_size: int, seed: int, device="cpu", load_x: bool = True) -> TensorLoader:
+def train_loader(
+    bundle, batch_size: int, seed: int, device="cpu", load_x: bool = True, memory_format: str | None = None
+) -> TensorLoader:
     """Shuffled batches of a DataBundle's training split, with its standard augmentation."""
     return TensorLoader(
         bundle.train_x,
@@ -129,10 +144,13 @@ def train_loader(bundle, batch_size: int, seed: int, device="cpu", load_x: bool 
         seed=seed,
         device=device,
         load_x=load_x,
+        memory_format=memory_format,
     )
 
 
-def test_loader(bundle, batch_size: int, device="cpu", load_x: bool = True) -> TensorLoader:
+def test_loader(
+    bundle, batch_size: int, device="cpu", load_x: bool = True, memory_format: str | None = None
+) -> TensorLoader:
     """The test split in order, normalised with the training statistics, never augmented."""
     return TensorLoader(
         bundle.test_x,
@@ -143,4 +161,5 @@ def test_loader(bundle, batch_size: int, device="cpu", load_x: bool = True) -> T
         std=bundle.std,
         device=device,
         load_x=load_x,
+        memory_format=memory_format,
     )

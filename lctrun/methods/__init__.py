@@ -10,6 +10,7 @@ from torch import nn
 from lctrun.errors import ConfigError
 from lctrun.methods.base import EpochPlan, Method, Stage, StageContext, StageSettings, StepOut, Wire
 from lctrun.methods.bp import Backprop
+from lctrun.precision import to_memory_format
 
 __all__ = [
     "Method",
@@ -79,11 +80,14 @@ def build_stage(p, k: int, device: torch.device) -> Stage:
         device,
         steps_per_epoch,
         num_samples,
+        cfg.precision,
     )
     # Each stage initialises its auxiliary modules from its own stream, so that a worker that builds
     # only stage k gets the same critic as a process that builds every stage in turn.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed * 1009 + k + 1)
         stage = p.method.make_stage(p.groups[k], ctx)
+    for module in stage.modules():  # the group and its critic, head or synthesizer, once (not per step)
+        to_memory_format(module, cfg.memory_format)
     stage.wire = p.method.wire(ctx)
     return stage

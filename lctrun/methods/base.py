@@ -35,6 +35,7 @@ from torch import nn
 
 from lctrun.config import CriticConfig, Experiment, LayerParallelConfig, OptimConfig, PipelineConfig
 from lctrun.methods.optim import make_optimizer, make_scheduler
+from lctrun.precision import compute_dtype
 
 
 @dataclass
@@ -54,6 +55,10 @@ class Wire:
     order: str = "forward"  # forward: group k steps a batch first; backward: group k+1 does (see above)
     microbatches: int = 1  # bp: train_step runs per micro-batch, one update per batch (Stage.begin_microbatch)
     schedule: str = "none"  # bp: the torch.distributed.pipelining schedule of the micro-batches across workers
+    # what the messages travel in, both ways across a cut: activations and gradients in the compute dtype
+    # (lctrun.precision), a loss or a rule's target in fp32
+    dtype: torch.dtype = torch.float32  # the forward messages (activations)
+    feedback_dtype: torch.dtype = torch.float32  # the backward messages
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,12 @@ class StageContext:
     device: torch.device
     steps_per_epoch: int = 1
     num_samples: int = 0  # training samples (methods with per-sample state size it by this)
+    precision: str = "fp32"  # the compute precision of the stage's forwards (lctrun.precision)
+
+    @property
+    def message_dtype(self) -> torch.dtype:
+        """Activations and their gradients cross a cut in the compute dtype."""
+        return compute_dtype(self.precision)
 
     @property
     def first(self) -> bool:
@@ -104,7 +115,9 @@ class StageContext:
 
 
 def per_sample_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per sample, shape (B,). Sequence outputs (B, T, C) with targets (B, T): mean over T."""
+    """Cross-entropy per sample, shape (B,), in fp32 whatever the compute precision (the losses a rule compares).
+    Sequence outputs (B, T, C) with targets (B, T): mean over T."""
+    logits = logits.float()
     if logits.dim() == 3:
         return F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
     return F.cross_entropy(logits, y, reduction="none")
@@ -270,7 +283,9 @@ class Method:
         feedback = None
         if self.takes_feedback and not ctx.last:
             feedback = () if self.message == "loss" else ctx.out_shape
-        return Wire(ctx.in_shape, feedback, ctx.cfg.pipeline_depth if self.pipelines else 1)
+        depth = ctx.cfg.pipeline_depth if self.pipelines else 1
+        back = ctx.message_dtype if self.message == "grad" else torch.float32
+        return Wire(ctx.in_shape, feedback, depth, dtype=ctx.message_dtype, feedback_dtype=back)
 
     def plan(self, cfg: Experiment, epoch: int) -> EpochPlan:
         """What epoch `epoch` (from 1) does; the same every epoch unless a method has phases."""

@@ -31,7 +31,7 @@ class BPStage(Stage):
     def feedback(self, grad: torch.Tensor) -> torch.Tensor | None:
         x_in, h = self.pending.popleft()
         self.zero_grad()
-        h.backward(grad)  # group k+1's gradient already carries the micro-batch's 1/n weight
+        h.backward(grad.to(h.dtype))  # group k+1's gradient already carries the micro-batch's 1/n weight
         self.update()
         return x_in.grad
 

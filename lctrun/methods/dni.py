@@ -34,7 +34,7 @@ class SynthesizerStage(Stage):
         predicted, stash = stashed_forward(self.aux, h_synth, pipelined=self.wire.depth > 1)
         self.emit(h_synth)
         self.opt.zero_grad(set_to_none=True)
-        h.backward(predicted.detach() / len(h))
+        h.backward(predicted.detach().to(h.dtype) / len(h))
         self.optimizer_step()
         self.steps += 1
         self.pending.append((predicted, stash))
@@ -42,7 +42,7 @@ class SynthesizerStage(Stage):
 
     def feedback(self, true_grad: torch.Tensor) -> None:
         predicted, stash = self.pending.popleft()
-        loss = F.mse_loss(predicted, true_grad * len(true_grad))
+        loss = F.mse_loss(predicted.float(), true_grad.float() * len(true_grad))
         step_from_stash(self.aux, stash, loss, self.aux_opt)
         return None
 

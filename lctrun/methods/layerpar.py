@@ -80,7 +80,7 @@ class LayerParallelStage(BPStage):
         lp = ctx.cfg.layerpar
         self.filter = BoundaryFilter(lp.downsample, lp.filter)
         self.multipliers = multipliers
-        self.dtype = STORAGE[lp.precision]
+        self.dtype = STORAGE[lp.storage]
         self.eta = lp.lambda_lr
         self.fit_step = lp.fit_step
         self.in_stored = self.filter.shape(ctx.in_shape)  # lambda_{k-1}, mu_{k-1}, phi_{k-1}: as stored and sent
@@ -96,11 +96,13 @@ class LayerParallelStage(BPStage):
         self.phase, self.beta = plan.phase, plan.beta or self.beta
         ctx = self.ctx
         if self.phase == "serial":  # model-parallel backprop, as bp
-            self.wire = Wire(ctx.in_shape, None if ctx.last else ctx.out_shape, 1)
-        else:
+            act = ctx.message_dtype
+            self.wire = Wire(ctx.in_shape, None if ctx.last else ctx.out_shape, 1, dtype=act, feedback_dtype=act)
+        else:  # phi goes forward in the compute dtype; the target back is a rule's (lambda + mu / beta): fp32
             in_shape = ctx.in_shape if ctx.first else self.in_stored
             depth = max(ctx.cfg.pipeline_depth, PARALLEL_DEPTH)
-            self.wire = Wire(in_shape, None if ctx.last else self.out_stored, depth, order="backward")
+            out = None if ctx.last else self.out_stored
+            self.wire = Wire(in_shape, out, depth, order="backward", dtype=ctx.message_dtype)
 
     def _storage(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.zeros(self.ctx.num_samples, *shape, dtype=self.dtype, device=self.device)

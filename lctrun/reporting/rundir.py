@@ -178,6 +178,8 @@ def environment(cfg: Experiment, extra: dict | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "devices": cfg.devices,
         "runtime": cfg.runtime,
+        "precision": cfg.precision,  # the compute precision (autocast); parameters stay fp32
+        "memory_format": cfg.memory_format,
         "git_commit": git_commit(),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),

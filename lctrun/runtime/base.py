@@ -7,6 +7,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from lctrun.precision import autocast
+
 
 @runtime_checkable
 class Runtime(Protocol):
@@ -38,6 +40,11 @@ class Runtime(Protocol):
 class EvalOutput:
     labels: torch.Tensor  # (N,)
     logits: list[torch.Tensor | None]  # per group: sub-model logits (None if the method has none); last = main
+
+
+def autocast_of(stages: list):
+    """The autocast context the stages' forwards run in (a no-op at fp32)."""
+    return autocast(stages[0].ctx.precision, [s.device for s in stages])
 
 
 def parameters_of(stage) -> torch.Tensor:

@@ -38,7 +38,7 @@ from lctrun.methods import EpochPlan, Method, Stage, build_stage
 from lctrun.models.chain import group_split_names
 from lctrun.prepared import group_devices, prepare
 from lctrun.runtime.accounting import state_account
-from lctrun.runtime.base import EvalOutput, averages, parameters_of, stage_prefix, update_norm
+from lctrun.runtime.base import EvalOutput, autocast_of, averages, parameters_of, stage_prefix, update_norm
 from lctrun.runtime.faults import InjectedFault
 from lctrun.runtime.loop import EpochProgress, add_metrics, train_pass
 from lctrun.runtime.memory import PeakMemory
@@ -49,14 +49,15 @@ STOP_CHECK_EVERY = 8
 
 
 class DistributedRuntime:
-    def __init__(self, method: Method, stage: Stage, shapes: list):
+    def __init__(self, method: Method, stage: Stage, shapes: list, channels_last: bool = False):
         self.method, self.stage, self.stages = method, stage, [stage]
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.needs_inputs = self.rank == 0  # the other workers receive their inputs
         self.first, self.last = self.rank == 0, self.rank == self.world - 1
         self.in_shape = shapes[self.rank][0]  # evaluation messages: the plain model's states
-        self.channel = Channel(stage.device)
+        self.activations = stage.ctx.message_dtype  # what evaluation and refresh messages travel in
+        self.channel = Channel(stage.device, channels_last=channels_last)
         self.memory = PeakMemory(stage.device)
         self.account: dict[str, float] = {}
         self.worker_stats: list[dict] = []
@@ -75,7 +76,7 @@ class DistributedRuntime:
     def _input(self, batch, tag: int, shape: tuple[int, ...]) -> torch.Tensor:
         if self.first:
             return batch.x
-        return self.channel.recv((len(batch.y), *shape), self.rank - 1, tag)
+        return self.channel.recv((len(batch.y), *shape), self.rank - 1, tag, self.activations)
 
     def _step_input(self, batch, step: int) -> torch.Tensor:
         """The input of training step `step`, with the receive of the next step's posted first, so that its
@@ -83,18 +84,20 @@ class DistributedRuntime:
         the sender would stop too, and the posted receive would never complete."""
         if self.first:
             return batch.x
-        shape, loader = self.stage.wire.in_shape, self.loader
-        posted = self.ahead or self.channel.post((len(batch.y), *shape), self.rank - 1, FORWARD)
+        wire, loader = self.stage.wire, self.loader
+        shape = wire.in_shape
+        posted = self.ahead or self.channel.post((len(batch.y), *shape), self.rank - 1, FORWARD, wire.dtype)
         self.ahead = None
         if step < len(loader) and step % STOP_CHECK_EVERY:
-            self.ahead = self.channel.post((loader.batch_len(step + 1), *shape), self.rank - 1, FORWARD)
+            self.ahead = self.channel.post((loader.batch_len(step + 1), *shape), self.rank - 1, FORWARD, wire.dtype)
         return self.channel.take(posted)
 
     def _take_feedback(self, batch_size: int) -> None:
-        shape = (batch_size, *self.stage.wire.feedback_shape)
-        deferred = self.stage.feedback(self.channel.recv(shape, self.rank + 1, BACKWARD))
+        wire = self.stage.wire
+        shape = (batch_size, *wire.feedback_shape)
+        deferred = self.stage.feedback(self.channel.recv(shape, self.rank + 1, BACKWARD, wire.feedback_dtype))
         if deferred is not None and not self.first:
-            self.channel.send(deferred, self.rank - 1, BACKWARD)
+            self.channel.send(deferred, self.rank - 1, BACKWARD, wire.feedback_dtype)
 
     def _stops_after(self, step: int, stop, steps: int) -> bool:
         """Whether every worker ends the epoch after `step`: rank 0 decides (it is the one the launcher
@@ -108,7 +111,8 @@ class DistributedRuntime:
         return stops
 
     def _store_input(self, batch_size: int) -> None:
-        self.stage.store_input(self.channel.recv((batch_size, *self.stage.wire.in_shape), self.rank - 1, FORWARD))
+        wire = self.stage.wire
+        self.stage.store_input(self.channel.recv((batch_size, *wire.in_shape), self.rank - 1, FORWARD, wire.dtype))
 
     def _stops_after_last_first(self, step: int, stop, steps: int, depth: int) -> bool:
         """_stops_after for order="backward", where worker k runs up to k * depth steps ahead of worker 0:
@@ -168,7 +172,8 @@ class DistributedRuntime:
         wire = self.stage.wire
         if self.last_first:
             if not self.last:
-                target = self.channel.recv((len(batch.y), *wire.feedback_shape), self.rank + 1, BACKWARD)
+                shape = (len(batch.y), *wire.feedback_shape)
+                target = self.channel.recv(shape, self.rank + 1, BACKWARD, wire.feedback_dtype)
                 self.stage.feedback(target)
             x = batch.x if self.first else None
         elif self.pipeline:
@@ -179,9 +184,9 @@ class DistributedRuntime:
         self.early = [False, False]
         out = self.pipeline.step(x, y) if self.pipeline else self.stage.train_step(x, y, batch.idx)
         if out.backward is not None and not self.first and not self.early[1]:
-            self.channel.send(out.backward, self.rank - 1, BACKWARD)
+            self.channel.send(out.backward, self.rank - 1, BACKWARD, wire.feedback_dtype)
         if not self.last and not self.pipeline and not self.early[0]:
-            self.channel.send(out.forward, self.rank + 1, FORWARD)
+            self.channel.send(out.forward, self.rank + 1, FORWARD, wire.dtype)
         if self.owed:
             self.waiting.append(len(batch.y))
             while len(self.waiting) > self.lag:
@@ -191,11 +196,12 @@ class DistributedRuntime:
     def _send_now(self, forward: torch.Tensor | None, backward: torch.Tensor | None) -> None:
         """Stage.emit: send a message before the step ends. Without it, at pipeline depth 1 group k+1 waited for
         group k's whole step (update included) and the two never overlapped."""
+        wire = self.stage.wire
         if forward is not None and not self.last:
-            self.channel.send(forward, self.rank + 1, FORWARD)
+            self.channel.send(forward, self.rank + 1, FORWARD, wire.dtype)
             self.early[0] = True
         if backward is not None and not self.first:
-            self.channel.send(backward, self.rank - 1, BACKWARD)
+            self.channel.send(backward, self.rank - 1, BACKWARD, wire.feedback_dtype)
             self.early[1] = True
 
     def stops_after(self, step: int, stop, steps: int) -> bool:
@@ -243,22 +249,30 @@ class DistributedRuntime:
 
     @torch.no_grad()
     def refresh(self, loader: TensorLoader) -> None:
+        with autocast_of(self.stages):
+            self._refresh(loader)
+
+    def _refresh(self, loader: TensorLoader) -> None:
         """A forward pass along the chain (its traffic counts towards the next epoch's)."""
         self.stage.train(True)
         for batch in loader:
             h = self.stage.refresh_step(self._input(batch, FORWARD, self.stage.wire.in_shape), batch.idx)
             if not self.last:
-                self.channel.send(h, self.rank + 1, FORWARD)
+                self.channel.send(h, self.rank + 1, FORWARD, self.activations)
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, loader: TensorLoader) -> EvalOutput | None:
+        with autocast_of(self.stages):
+            return self._evaluate(loader)
+
+    def _evaluate(self, loader: TensorLoader) -> EvalOutput | None:
         self.stage.train(False)
         logits, labels = [], []
         for batch in loader:
             h, aux = self.stage.eval_forward(self._input(batch, EVAL, self.in_shape))
             if not self.last:
-                self.channel.send(h, self.rank + 1, EVAL)
+                self.channel.send(h, self.rank + 1, EVAL, self.activations)
             mine = h if self.last else aux
             if mine is not None:
                 logits.append(mine.float().cpu())
@@ -344,7 +358,7 @@ def run_worker(cfg: Experiment, rank: int, world: int, local_rank: int, init_met
                 f"{len(p.groups)} groups ({fix}, or change model.split/model.groups)"
             )
         stage = build_stage(p, rank, device)
-        runtime = DistributedRuntime(p.method, stage, p.shapes)
+        runtime = DistributedRuntime(p.method, stage, p.shapes, cfg.memory_format == "channels_last")
         return job(p, runtime, Console() if rank == 0 else Console(quiet=True))
     finally:
         dist.destroy_process_group()

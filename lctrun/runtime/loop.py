@@ -17,6 +17,7 @@ import torch
 from lctrun.data import TensorLoader
 from lctrun.errors import LctrunError
 from lctrun.runtime.accounting import SavedTensors
+from lctrun.runtime.base import autocast_of
 from lctrun.runtime.faults import InjectedFault
 from lctrun.runtime.stop import EpochInterrupted
 
@@ -56,6 +57,7 @@ class PassRunner(Protocol):
     """What `train_pass` needs of a runtime besides the loop itself."""
 
     method: object  # its .name names the method in a divergence error
+    stages: list  # the stages this process steps: their precision and devices set the autocast
     fault: InjectedFault
     account: dict  # {"activations_mb": ...} of the first step, measured by the loop
 
@@ -98,11 +100,12 @@ def train_pass(
     for step, batch in run.steps():
         runner.fault.tick()
         if not runner.account:
-            with SavedTensors() as saved:
+            with SavedTensors() as saved, autocast_of(runner.stages):
                 metrics = runner.run_step(batch, step)
             runner.account = {"activations_mb": round(saved.bytes / 2**20, 3)}
         else:
-            metrics = runner.run_step(batch, step)
+            with autocast_of(runner.stages):
+                metrics = runner.run_step(batch, step)
         add_metrics(run.total, metrics)
         if step % CHECK_EVERY == 0:
             check_finite(runner, run.total, loader.epoch, step)

@@ -47,6 +47,18 @@ def mean_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return per_sample_loss(logits, y).mean()
 
 
+class AsSent(torch.nn.Module):
+    """The group, its output in the dtype and (contiguous) layout the schedule's buffers were made with: the
+    library sends and receives a stage's output as given, and its receive buffers are plain contiguous tensors."""
+
+    def __init__(self, group: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.group, self.dtype = group, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group(x).to(self.dtype).contiguous()
+
+
 class MicrobatchPipeline:
     """One training step of worker `rank`'s bp stage: the schedule's forward and backward of every micro-batch
     (gradients scaled by 1/n, as Stage.begin_microbatch weights them), then the group's one update."""
@@ -56,6 +68,8 @@ class MicrobatchPipeline:
         self.first, self.last = rank == 0, rank == world - 1
         self.in_shape, self.out_shape = shapes
         self.kind, self.microbatches = stage.wire.schedule, stage.wire.microbatches
+        self.dtype = stage.wire.dtype  # of the activations and gradients the schedule moves
+        self.module = AsSent(stage.group, self.dtype)
         self.schedules: dict[int, tuple] = {}
 
     def _schedule(self, batch_size: int, in_dtype: torch.dtype):
@@ -65,17 +79,17 @@ class MicrobatchPipeline:
             part = batch_size // n
             # requires_grad says which messages carry a gradient back: the activations, not the data
             inputs = torch.empty((part, *self.in_shape), dtype=in_dtype, device="meta", requires_grad=not self.first)
-            outputs = torch.empty((part, *self.out_shape), device="meta", requires_grad=True)
+            outputs = torch.empty((part, *self.out_shape), dtype=self.dtype, device="meta", requires_grad=True)
             pstage = TimedStage(
-                self.stage.group, self.rank, self.world, self.stage.device, input_args=inputs, output_args=outputs
+                self.module, self.rank, self.world, self.stage.device, input_args=inputs, output_args=outputs
             )
             # every stage gets the loss: a schedule without one runs forward only
             self.schedules[batch_size] = (SCHEDULES[kind](pstage, n, loss_fn=mean_loss), pstage)
         return self.schedules[batch_size]
 
     def step(self, x: torch.Tensor | None, y: torch.Tensor) -> StepOut:
-        # only worker 1 has the data: the others' inputs arrive as float activations
-        schedule, pstage = self._schedule(len(y), x.dtype if x is not None else torch.float32)
+        # only worker 1 has the data: the others' inputs arrive as activations in the compute dtype
+        schedule, pstage = self._schedule(len(y), x.dtype if x is not None else self.dtype)
         self.stage.zero_grad()
         start, computed = time.perf_counter(), pstage.compute_s
         if self.first:
@@ -84,8 +98,9 @@ class MicrobatchPipeline:
             logits = schedule.step(target=y if self.last else None)
         waited = time.perf_counter() - start - (pstage.compute_s - computed)
         self.stage.update()
-        # what the schedule moved, from the shapes it was given (fp32): activations forward, gradients back
-        moved = len(y) * 4 * (math.prod(self.out_shape) * (not self.last) + math.prod(self.in_shape) * (not self.first))
+        # what the schedule moved, from the shapes and dtype it was given: activations forward, gradients back
+        per_sample = math.prod(self.out_shape) * (not self.last) + math.prod(self.in_shape) * (not self.first)
+        moved = len(y) * self.dtype.itemsize * per_sample
         self.channel.add_counters({"bytes_sent": moved, "bytes_received": moved, "wait_s": waited})
         if not self.last:
             return StepOut()

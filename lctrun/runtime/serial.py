@@ -10,14 +10,24 @@ import torch
 from lctrun.data import TensorLoader
 from lctrun.methods import EpochPlan, Method, Stage
 from lctrun.runtime.accounting import state_account
-from lctrun.runtime.base import EvalOutput, averages, microbatch_count, parameters_of, stage_prefix, update_norm
+from lctrun.runtime.base import (
+    EvalOutput,
+    autocast_of,
+    averages,
+    microbatch_count,
+    parameters_of,
+    stage_prefix,
+    update_norm,
+)
 from lctrun.runtime.faults import InjectedFault
 from lctrun.runtime.loop import EpochProgress, add_metrics, train_pass
 from lctrun.runtime.memory import PeakMemoryOf
 
 
-def to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if x is None else x.to(device, non_blocking=True)
+def to(x: torch.Tensor | None, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """A message handed to the stage on `device`, in the dtype it travels in between processes (the same
+    cast as the distributed runtime's, so that both give the same updates); None: the data, as loaded."""
+    return None if x is None else x.to(device, dtype, non_blocking=True)
 
 
 class SerialRuntime:
@@ -66,12 +76,13 @@ class SerialRuntime:
             return self.step_last_first(x, y, idx, metrics)
         backward: list[torch.Tensor | None] = [None] * K
         for k, stage in enumerate(self.stages):
-            out = stage.train_step(to(x, stage.device), to(y, stage.device), idx)
+            out = stage.train_step(to(x, stage.device, stage.wire.dtype if k else None), to(y, stage.device), idx)
             add_metrics(metrics, out.metrics, stage_prefix(k, K))
             backward[k], x = out.backward, out.forward
         for k in range(K - 2, -1, -1):
-            if self.stages[k].wire.feedback_shape is not None:
-                deferred = self.stages[k].feedback(to(backward[k + 1], self.stages[k].device))
+            stage = self.stages[k]
+            if stage.wire.feedback_shape is not None:
+                deferred = stage.feedback(to(backward[k + 1], stage.device, stage.wire.feedback_dtype))
                 if deferred is not None:
                     backward[k] = deferred
 
@@ -83,12 +94,13 @@ class SerialRuntime:
         for k in range(K - 1, -1, -1):
             stage = self.stages[k]
             if k < K - 1:
-                stage.feedback(to(target, stage.device))
+                stage.feedback(to(target, stage.device, stage.wire.feedback_dtype))
             out = stage.train_step(to(x, stage.device) if k == 0 else None, to(y, stage.device), idx)
             add_metrics(metrics, out.metrics, stage_prefix(k, K))
             target, forward[k] = out.backward, out.forward
         for k in range(1, K):
-            self.stages[k].store_input(to(forward[k - 1], self.stages[k].device))
+            stage = self.stages[k]
+            stage.store_input(to(forward[k - 1], stage.device, stage.wire.dtype))
 
     def stops_after(self, step: int, stop, steps: int) -> bool:
         return bool(stop) and step < steps
@@ -129,22 +141,30 @@ class SerialRuntime:
 
     @torch.no_grad()
     def refresh(self, loader: TensorLoader) -> None:
+        with autocast_of(self.stages):
+            self._refresh(loader)
+
+    def _refresh(self, loader: TensorLoader) -> None:
         for stage in self.stages:
             stage.train(True)
         for batch in loader:
             h = batch.x
-            for stage in self.stages:
-                h = stage.refresh_step(to(h, stage.device), batch.idx)
+            for k, stage in enumerate(self.stages):
+                h = stage.refresh_step(to(h, stage.device, stage.ctx.message_dtype if k else None), batch.idx)
 
     @torch.no_grad()
-    def evaluate(self, loader: TensorLoader) -> EvalOutput:
+    def evaluate(self, loader: TensorLoader) -> EvalOutput | None:
+        with autocast_of(self.stages):
+            return self._evaluate(loader)
+
+    def _evaluate(self, loader: TensorLoader) -> EvalOutput:
         for stage in self.stages:
             stage.train(False)
         labels, logits = [], [[] for _ in self.stages]
         for batch in loader:
             h = batch.x
             for k, stage in enumerate(self.stages):
-                h, aux = stage.eval_forward(to(h, stage.device))
+                h, aux = stage.eval_forward(to(h, stage.device, stage.ctx.message_dtype if k else None))
                 logits[k].append(h if k == len(self.stages) - 1 else aux)
             labels.append(batch.y.cpu())
         merged = [None if parts[0] is None else torch.cat([p.float().cpu() for p in parts]) for parts in logits]

@@ -2,7 +2,9 @@
 
 Plain isend/irecv (batch_isend_irecv has been unreliable on gloo). Sends are asynchronous: the
 tensor is kept alive until its send completes. gloo moves CPU tensors only, so on gloo a CUDA
-tensor is staged through host memory.
+tensor is staged through host memory. A message travels in the dtype both ends give (Wire.dtype,
+Wire.feedback_dtype: bf16 activations under bf16 autocast), and a channels-last channel moves 4-D
+messages as NHWC bytes, so that they arrive channels-last without a copy on either side.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ CONTROL = 4  # one flag per training step along the chain: does the epoch stop h
 
 
 class Channel:
-    def __init__(self, device: torch.device, max_pending_sends: int = 4):
+    def __init__(self, device: torch.device, max_pending_sends: int = 4, channels_last: bool = False):
         self.device = device
+        self.channels_last = channels_last
         self.stage_via_cpu = dist.get_backend() == "gloo"
         self.sends: deque = deque()
         self.max_pending_sends = max_pending_sends
@@ -28,11 +31,11 @@ class Channel:
         self.wait_seconds = 0.0
         self.flags: deque = deque()  # control sends in flight: never waited on per step, not counted as traffic
 
-    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
-        tensor = tensor.detach()
+    def send(self, tensor: torch.Tensor, dst: int, tag: int, dtype: torch.dtype = torch.float32) -> None:
+        tensor = tensor.detach().to(dtype)
         if self.stage_via_cpu:
             tensor = tensor.cpu()
-        tensor = tensor.contiguous()
+        tensor = self._wire_layout(tensor).contiguous()  # a no-op for a channels-last tensor on a channels-last wire
         self.sends.append((dist.isend(tensor, dst, tag=tag), tensor))
         self.bytes_sent += tensor.numel() * tensor.element_size()
         while self.sends and self.sends[0][0].is_completed():  # free finished sends' buffers now
@@ -46,8 +49,13 @@ class Channel:
     def post(self, shape: tuple[int, ...], src: int, tag: int, dtype: torch.dtype = torch.float32) -> tuple:
         """Start receiving a message, to `take` later: the transfer can run while this worker computes
         (receives from one source with one tag complete in the order they were posted)."""
-        buffer = torch.empty(shape, dtype=dtype, device="cpu" if self.stage_via_cpu else self.device)
-        return dist.irecv(buffer, src, tag=tag), buffer
+        device = "cpu" if self.stage_via_cpu else self.device
+        if self.channels_last and len(shape) == 4:
+            n, c, h, w = shape
+            buffer = torch.empty((n, h, w, c), dtype=dtype, device=device).permute(0, 3, 1, 2)
+        else:
+            buffer = torch.empty(shape, dtype=dtype, device=device)
+        return dist.irecv(self._wire_layout(buffer), src, tag=tag), buffer
 
     def take(self, posted: tuple) -> torch.Tensor:
         work, buffer = posted
@@ -56,6 +64,10 @@ class Channel:
         self.wait_seconds += time.perf_counter() - start
         self.bytes_received += buffer.numel() * buffer.element_size()
         return buffer.to(self.device, non_blocking=True)
+
+    def _wire_layout(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor as its bytes travel: NCHW viewed as NHWC on a channels-last channel."""
+        return tensor.permute(0, 2, 3, 1) if self.channels_last and tensor.dim() == 4 else tensor
 
     def send_flag(self, flag: bool, dst: int) -> None:
         tensor = torch.tensor([float(flag)], device="cpu" if self.stage_via_cpu else self.device)
