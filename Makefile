@@ -31,10 +31,12 @@ format: venv
 	$(BIN)/ruff format lctrun tests
 	$(BIN)/ruff check --fix lctrun tests
 
-# every bp baseline (1 worker, model-parallel, GPipe and 1F1B) beside the local methods: official critic, then pooled
+# every bp baseline (1 worker, model-parallel, GPipe and 1F1B) beside the local methods: official critic, then pooled,
+# then pooled again at bf16 autocast with channels-last tensors (compare it with the fp32 pooled table)
 bench: venv
 	$(BIN)/lctrun bench resnet20 --groups 2 --methods bp,lct,dgl,dni
 	$(BIN)/lctrun bench resnet20 --groups 2 --methods bp,lct,dgl critic.pool=4
+	$(BIN)/lctrun bench resnet20 --groups 2 --methods bp,lct,dgl critic.pool=4 precision=bf16 memory_format=channels_last
 
 # every published table at small scale, 3 seeds where it is an accuracy table (CPU, see README for the time);
 # resumable: finished runs are cached under results/tables/runs/

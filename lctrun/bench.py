@@ -32,6 +32,7 @@ from rich.console import Console
 
 from lctrun.config import load_experiment
 from lctrun.data import TensorLoader
+from lctrun.precision import autocast
 from lctrun.prepared import begin_epoch
 from lctrun.reporting.rundir import git_commit, hardware_tag
 from lctrun.reporting.tables import rich_table, write_table
@@ -79,14 +80,16 @@ class TorchPipelineJob:
     def __call__(self, p, runtime, console):
         from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
-        from lctrun.runtime.pipelined import mean_loss
+        from lctrun.runtime.pipelined import AsSent, mean_loss
 
         rank, world, stage = runtime.rank, runtime.world, runtime.stage
         batch, part = p.cfg.data.batch_size, p.cfg.data.batch_size // self.microbatches
         (in_shape, out_shape), first, last = p.shapes[rank], rank == 0, rank == world - 1
-        inputs = torch.empty((part, *in_shape), device="meta", requires_grad=not first)
-        outputs = torch.empty((part, *out_shape), device="meta", requires_grad=True)
-        pipe = PipelineStage(stage.group, rank, world, stage.device, input_args=inputs, output_args=outputs)
+        dtype = stage.wire.dtype  # activations and gradients in the compute dtype, as lctrun's rows send them
+        inputs = torch.empty((part, *in_shape), dtype=dtype, device="meta", requires_grad=not first)
+        outputs = torch.empty((part, *out_shape), dtype=dtype, device="meta", requires_grad=True)
+        module = AsSent(stage.group, dtype)
+        pipe = PipelineStage(module, rank, world, stage.device, input_args=inputs, output_args=outputs)
         schedule = ScheduleGPipe(pipe, self.microbatches, loss_fn=mean_loss)
         x, y = p.data.train_x.to(stage.device), p.data.train_y.to(stage.device)
 
@@ -94,7 +97,8 @@ class TorchPipelineJob:
             for i in range(start, start + count):
                 part_of = slice(i * batch, (i + 1) * batch)
                 stage.opt.zero_grad(set_to_none=True)
-                schedule.step(*([x[part_of]] if first else []), target=y[part_of] if last else None)
+                with autocast(p.cfg.precision, [stage.device]):
+                    schedule.step(*([x[part_of]] if first else []), target=y[part_of] if last else None)
                 stage.opt.step()
 
         run(0, self.warmup)
@@ -103,7 +107,7 @@ class TorchPipelineJob:
         run(self.warmup, self.steps)
         dist.barrier()
         seconds = time.perf_counter() - start
-        moved = batch * 4 * (math.prod(out_shape) * (not last) + math.prod(in_shape) * (not first)) * self.steps
+        moved = batch * dtype.itemsize * (math.prod(out_shape) * (not last) + math.prod(in_shape) * (not first)) * self.steps
         unknown = dict.fromkeys(["compute_s", "wait_s", "peak_mem_mb", *ACCOUNT], math.nan)
         stats = [None] * world
         dist.all_gather_object(stats, {**unknown, "bytes_sent": moved})
@@ -323,7 +327,8 @@ def bench(
         f"{time.strftime('%Y-%m-%d')}. Peak memory: per worker, above its own baseline after start-up. "
         f"A method's cut, unless given, balances measured time per block and critic for its first row; "
         f"speedup_vs_mp_bp_same_cut is against model-parallel bp (layer-serial) on the row's own cut. "
-        f"Critic: {cfg.critic.convs[0]} x conv3x3({cfg.critic.channels}) + linear; "
+        f"Precision: {cfg.precision} (autocast; parameters and optimiser state fp32), memory format: "
+        f"{cfg.memory_format}. Critic: {cfg.critic.convs[0]} x conv3x3({cfg.critic.channels}) + linear; "
         f"extra overrides: {' '.join(overrides or []) or 'none'}. "
         f"Best bp (speedup_vs_best_bp = 1): {best['config']}. Pipelined bp: pipeline.schedule over M micro-batches "
         f"(torch.distributed.pipelining); the row '{TORCH_ALONE}' drives that library without lctrun (its compute, "
