@@ -1,6 +1,8 @@
 """Mixed precision and channels-last (lctrun/precision.py): autocast really on, messages in the compute dtype,
 fp32 master weights and optimiser state, layouts kept, and the serial and distributed runtimes still agreeing."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -151,9 +153,11 @@ def test_fp16_on_a_cpu_without_native_fp16_is_refused(monkeypatch):
         load_experiment(None, ["precision=fp16"])
 
 
-def test_channels_last_needs_image_data():
+def test_channels_last_needs_image_data(data_root):
+    """Sequences (MNIST read row by row) have no channels to put last: said before a stage is built."""
+    cfg = load_experiment(None, ["data.name=seqmnist", "model.name=lstm-seq", "memory_format=channels_last"])
     with pytest.raises(ConfigError, match="memory_format=channels_last is for image data"):
-        load_experiment(None, ["data.name=fake", "data.shape=[28,28]", "memory_format=channels_last"])
+        prepare(replace(cfg, data=replace(cfg.data, root=str(data_root), train_size=64, test_size=64)))
 
 
 # -- the distributed runtime (worker processes) ----------------------------------------------------------------
