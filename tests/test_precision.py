@@ -1,8 +1,6 @@
 """Mixed precision and channels-last (lctrun/precision.py): autocast really on, messages in the compute dtype,
 fp32 master weights and optimiser state, layouts kept, and the serial and distributed runtimes still agreeing."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -11,6 +9,7 @@ from lctrun.data import TensorLoader
 from lctrun.errors import ConfigError
 from lctrun.launch import run_training
 from lctrun.methods import EpochPlan
+from lctrun.precision import check_precision
 from lctrun.prepared import begin_epoch, make_loaders, make_serial_runtime, prepare
 from lctrun.reporting.rundir import read_rows
 
@@ -39,6 +38,7 @@ def serial_epoch(overrides):
 
     def record(key, out):  # a forward hook that returns nothing keeps the output
         seen["outputs"].setdefault(key, out.dtype)
+
     for k, stage in enumerate(runtime.stages):
         step, feedback = stage.train_step, stage.feedback
 
@@ -153,11 +153,11 @@ def test_fp16_on_a_cpu_without_native_fp16_is_refused(monkeypatch):
         load_experiment(None, ["precision=fp16"])
 
 
-def test_channels_last_needs_image_data(data_root):
-    """Sequences (MNIST read row by row) have no channels to put last: said before a stage is built."""
-    cfg = load_experiment(None, ["data.name=seqmnist", "model.name=lstm-seq", "memory_format=channels_last"])
+def test_channels_last_needs_image_data():
+    """Token sequences (ptb: one sample is (T,)) have no channels to put last; images with one channel pass."""
     with pytest.raises(ConfigError, match="memory_format=channels_last is for image data"):
-        prepare(replace(cfg, data=replace(cfg.data, root=str(data_root), train_size=64, test_size=64)))
+        check_precision("fp32", "channels_last", ["cpu"], input_dims=1)
+    check_precision("bf16", "channels_last", ["cpu"], input_dims=3)
 
 
 # -- the distributed runtime (worker processes) ----------------------------------------------------------------
