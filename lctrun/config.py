@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -259,8 +260,31 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
     return cfg
 
 
+# A run name is one path component that Linux, macOS and Windows all accept: letters, digits, '.', '_', '-',
+# starting and ending with a letter or digit (Windows drops a trailing dot), and not a Windows device name.
+SAFE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?")
+DEVICE_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+
+
+def slug(text: str) -> str:
+    """A safe name close to `text`, to suggest in the refusal."""
+    name = re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-")[:60].strip("-") or "experiment"
+    return f"{name}-run" if name.lower() in DEVICE_NAMES else name
+
+
+def check_name(key: str, value: str) -> None:
+    """Refuse (never rewrite) a name that goes into a run directory's path."""
+    if not SAFE_NAME.fullmatch(value) or value.split(".")[0].lower() in DEVICE_NAMES:
+        raise ConfigError(
+            f"{key}={quoted(value)} cannot name a run directory: use 1-64 letters, digits, '.', '_' or '-', "
+            f"starting and ending with a letter or digit (e.g. {key}={slug(value)})"
+        )
+
+
 def validate(cfg: Experiment) -> None:
     """Checks that need more than a type (choices are Literal types, checked by _coerce): value ranges."""
+    check_name("name", cfg.name)
+    check_name("method", cfg.method)
     positive = {
         "epochs": cfg.epochs,
         "data.batch_size": cfg.data.batch_size,

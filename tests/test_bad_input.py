@@ -219,3 +219,27 @@ def test_resuming_after_config_yaml_was_edited_is_one_line(tmp_path, edit):
     code, err = run_cli(["train", "--resume", str(out), "epochs=2"])
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "was config.yaml edited after the run started" in lines[0], err
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../../../escaped", "a/b", '"with\\nnewline"', "' spaced'", "con", ".hidden", "ends.", "x" * 65, "a\\b", "a:b"],
+)
+def test_a_run_name_that_is_not_one_safe_path_component_is_refused(tmp_path, monkeypatch, name):
+    """The name goes into the default run directory's path: anything but one safe component is refused in one
+    line, before any directory is made (none here, nor next to or above it)."""
+    monkeypatch.chdir(tmp_path / "..")
+    before = set(Path.cwd().iterdir())
+    code, err = run_cli(["train", str(EXPERIMENT), *TINY, "epochs=1", f"name={name}"])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "cannot name a run directory" in lines[0], err
+    assert set(Path.cwd().iterdir()) == before and not list(tmp_path.iterdir())
+
+
+def test_a_safe_run_name_names_the_default_run_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["train", str(EXPERIMENT), *TINY, "epochs=1", "name=my_run.v2"])
+    assert code == 0, err
+    (run,) = (tmp_path / "results" / "runs").iterdir()
+    assert run.name.endswith("-my_run.v2-bp") and (run / "metrics.csv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
