@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ def run_training(
     console: Console | None = None,
     isolated: bool = False,
 ) -> RunResult:
-    """`isolated`: run a serial run in a fresh process, so that its peak memory is its own."""
+    """`isolated`: run a serial run in a fresh process, so that its peak memory is its own. The run directory
+    is locked while the run goes (by rank 0 only, under torchrun)."""
     if resume and run_dir is not None:
         check_same_config(cfg, Path(run_dir))
     if run_dir is not None:
@@ -35,15 +37,21 @@ def run_training(
             f"torchrun started {world} processes but runtime=serial trains the whole model in each of them: "
             f"add runtime=distributed (one process per group), or run without torchrun"
         )
-    if cfg.runtime == "distributed":
-        return launch_distributed(cfg, run_dir=run_dir, resume=resume, console=console)
-    if isolated:
-        from lctrun.reporting.rundir import default_run_dir
-        from lctrun.runtime.processes import run_processes
+    from lctrun.reporting.rundir import default_run_dir
+    from lctrun.runlock import run_lock
 
-        run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
-        return run_processes(IsolatedRun(cfg, run_dir, resume), 1, "run", lambda: resume_hint(run_dir), console)
-    return train(cfg, run_dir=run_dir, resume=resume, console=console)
+    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+    locks = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 holds the lock for every rank
+    with run_lock(run_dir, "--resume" if resume else "--out", console) if locks else contextlib.nullcontext():
+        if not resume and locks:
+            check_new_run_dir(run_dir)  # again, under the lock: a run that started and ended meanwhile
+        if cfg.runtime == "distributed":
+            return launch_distributed(cfg, run_dir=run_dir, resume=resume, console=console)
+        if isolated:
+            from lctrun.runtime.processes import run_processes
+
+            return run_processes(IsolatedRun(cfg, run_dir, resume), 1, "run", lambda: resume_hint(run_dir), console)
+        return train(cfg, run_dir=run_dir, resume=resume, console=console)
 
 
 @dataclass
