@@ -45,6 +45,8 @@ def run_training(
     with run_lock(run_dir, "--resume" if resume else "--out", console) if locks else contextlib.nullcontext():
         if not resume and locks:
             check_new_run_dir(run_dir)  # again, under the lock: a run that started and ended meanwhile
+        if resume and locks:
+            check_trained_config(cfg, run_dir)
         if cfg.runtime == "distributed":
             return launch_distributed(cfg, run_dir=run_dir, resume=resume, console=console)
         if isolated:
@@ -98,13 +100,20 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
+def differences(before: dict, now: dict) -> list[str]:
+    """The keys of two resolved configs that differ, besides the run's length (RESUMABLE)."""
+    before, now = flatten(before), flatten(now)
+    return [k for k in now if k not in RESUMABLE and before.get(k) != now[k]]
+
+
 def config_differences(cfg: Experiment, run_dir: Path) -> str:
     """What differs between `cfg` and the run's config.yaml, besides its length ("" if nothing, or no run)."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         return ""  # nothing ran there yet: a resume starts it
-    saved, now = flatten(to_dict(load_experiment(saved_path))), flatten(to_dict(cfg))
-    changed = [k for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
+    saved, now = to_dict(load_experiment(saved_path)), to_dict(cfg)
+    changed = differences(saved, now)
+    saved, now = flatten(saved), flatten(now)
     return ", ".join(f"{k}={saved.get(k)!r} in the run but {now[k]!r} now" for k in changed[:3])
 
 
@@ -115,6 +124,26 @@ def check_same_config(cfg: Experiment, run_dir: Path) -> None:
         raise ConfigError(
             f"--resume {run_dir}: the config differs from the run's ({what}); resume with the run's own config "
             f"(lctrun train --resume {run_dir}) or start a new run"
+        )
+
+
+def check_trained_config(cfg: Experiment, run_dir: Path) -> None:
+    """A resume continues the experiment its checkpoint was trained with: config.yaml and the overrides may
+    change its length (epochs, eval_every) and nothing else."""
+    from lctrun.checkpoints import trained_config
+
+    trained = trained_config(run_dir)
+    if trained is None:
+        return
+    now = to_dict(cfg)
+    changed = differences(trained, now)
+    if changed:
+        trained, now = flatten(trained), flatten(now)
+        what = ", ".join(f"{k}={trained.get(k)!r} in its checkpoint but {now[k]!r} now" for k in changed)
+        raise ConfigError(
+            f"--resume {run_dir}: the config differs from the one the run was trained with ({what}); was "
+            f"config.yaml edited after the run started? Restore it (only epochs and eval_every may change), "
+            f"or start a new run"
         )
 
 
