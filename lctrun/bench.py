@@ -107,7 +107,12 @@ class TorchPipelineJob:
         run(self.warmup, self.steps)
         dist.barrier()
         seconds = time.perf_counter() - start
-        moved = batch * dtype.itemsize * (math.prod(out_shape) * (not last) + math.prod(in_shape) * (not first)) * self.steps
+        moved = (
+            batch
+            * dtype.itemsize
+            * (math.prod(out_shape) * (not last) + math.prod(in_shape) * (not first))
+            * self.steps
+        )
         unknown = dict.fromkeys(["compute_s", "wait_s", "peak_mem_mb", *ACCOUNT], math.nan)
         stats = [None] * world
         dist.all_gather_object(stats, {**unknown, "bytes_sent": moved})

@@ -84,30 +84,39 @@ def restore_rng(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save(run_dir: Path, epoch: int, runtime) -> None:
-    """This worker's state after `epoch`; older checkpoints go once every worker has this one."""
-    state = {"epoch": epoch, "runtime": runtime.state_dict(), "rng": rng_state()}
+def save(run_dir: Path, epoch: int, runtime, config: dict) -> None:
+    """This worker's state after `epoch`, with the resolved config it was trained with (a resume checks it);
+    older checkpoints go once every worker has this one."""
+    state = {"epoch": epoch, "config": config, "runtime": runtime.state_dict(), "rng": rng_state()}
     save_checkpoint(checkpoint_path(run_dir, epoch, runtime.checkpoint_tag), state)
     runtime.barrier()
     drop_checkpoints_before(run_dir, epoch, runtime.checkpoint_tag)
     partial_checkpoint_path(run_dir, runtime.checkpoint_tag).unlink(missing_ok=True)
 
 
-def save_partial(run_dir: Path, epoch: int, runtime, partial: dict) -> None:
+def save_partial(run_dir: Path, epoch: int, runtime, partial: dict, config: dict) -> None:
     """This worker's state at a stop inside `epoch`: what it takes to finish the epoch from there."""
-    state = {"epoch": epoch, "partial": partial, "runtime": runtime.state_dict(), "rng": rng_state()}
+    state = {"epoch": epoch, "config": config, "partial": partial, "runtime": runtime.state_dict(), "rng": rng_state()}
     save_checkpoint(partial_checkpoint_path(run_dir, runtime.checkpoint_tag), state)
 
 
-def load(path: Path) -> dict:
+def load(path: Path, mmap: bool = False) -> dict:
+    """`mmap`: map the file instead of reading it (tensors are read only when touched)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint is data, never code
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)  # data, never code
     except Exception as e:  # a file damaged outside lctrun (its own writes are atomic)
         problem = " ".join(str(e).split())[:120]
         raise LctrunError(
             f"cannot resume from {path}: the checkpoint is unreadable ({type(e).__name__}: {problem}); "
             f"start a new run with another --out"
         ) from None
+
+
+def trained_config(run_dir: Path) -> dict | None:
+    """The resolved config the run's newest checkpoint was trained with (None: no checkpoint yet, or one
+    written before checkpoints carried their config)."""
+    files = sorted(Path(run_dir).glob("ckpt-*.pt"), key=lambda f: f.stat().st_mtime_ns)
+    return load(files[-1], mmap=True).get("config") if files else None
 
 
 def resume_point(run_dir: Path, runtime) -> tuple[int, dict | None, dict | None]:

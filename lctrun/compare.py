@@ -33,6 +33,7 @@ from lctrun.methods import get_method
 from lctrun.reporting import rundir
 from lctrun.reporting.plots import Curve, accuracy_per_epoch
 from lctrun.reporting.tables import fmt, rich_table, to_markdown
+from lctrun.runlock import run_lock
 
 # dataset sizes when data.train_size / data.test_size are not set (for the summary header only)
 FULL_SIZES = {
@@ -223,18 +224,22 @@ def compare(
     Everything that can be checked is checked before the first run starts: the config and overrides,
     every method name, the number of seeds.
     """
-    from lctrun.launch import run_training
-
     console = console or Console()
     base = resolve(experiment, overrides)
     names = parse_methods(methods)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     configs = {m: method_config(base, m) for m in names}
-    seed_list = [base.seed + i for i in range(seeds)]
     out = Path(out_dir) if out_dir else default_out_dir(base)
-    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out, "--out", console):  # one comparison at a time in a folder (its runs have their own locks)
+        return compare_runs(experiment, overrides, base, names, configs, seeds, out, console)
 
+
+def compare_runs(experiment, overrides, base, names, configs, seeds, out, console) -> pd.DataFrame:
+    """compare()'s runs, summary and plot, under the lock of `out`."""
+    from lctrun.launch import run_training
+
+    seed_list = [base.seed + i for i in range(seeds)]
     plan = [(m, s) for m in names for s in seed_list]
     records, histories = [], {m: [] for m in names}
     start = time.perf_counter()

@@ -1,6 +1,9 @@
 """Typed experiment configuration: dataclasses loaded from YAML plus dotted KEY=VALUE overrides.
 
-Every key is checked against the schema; an unknown key names the nearest valid ones.
+Every key is checked against the schema; an unknown key names the nearest valid ones. Each field declares
+its allowed values once, in its type: a Literal of choices, bool, or Annotated with a rule (Range, Match,
+Length, PathName; the aliases below); the checks and their one-line messages come from these rules. Only
+relations between fields (validate) are written out.
 """
 
 from __future__ import annotations
@@ -8,65 +11,162 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from lctrun.errors import ConfigError, quoted
 
+INT_MAX = 2**31 - 1  # no int field goes beyond: it fits every integer type downstream (torch, numpy, random)
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+@dataclass(frozen=True)
+class Range:
+    """A number's allowed values: from `low` (excluded if low_open) to `high` (excluded if high_open); a float
+    must be finite, an int within +-INT_MAX."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""  # said after the bounds, e.g. "(or null for the whole set)"
+
+    def check(self, key: str, value) -> None:
+        is_int = isinstance(value, int)
+        low, high = (max(self.low, -INT_MAX), min(self.high, INT_MAX)) if is_int else (self.low, self.high)
+        below = value < low or (value == low and self.low_open)
+        above = value > high or (value == high and self.high_open)
+        if below or above or (not is_int and not math.isfinite(value)):
+            bounds = [f"{'>' if self.low_open else '>='} {_number(low)}"] * math.isfinite(low)
+            bounds += [f"{'<' if self.high_open else '<='} {_number(high)}"] * math.isfinite(high)
+            what = " and ".join(bounds) if is_int else f"a finite number {' and '.join(bounds)}".rstrip()
+            raise ConfigError(f"{key} must be {what}{' ' + self.why if self.why else ''}, got {value}")
+
+
+@dataclass(frozen=True)
+class Match:
+    """A string's allowed values: the whole string matches `pattern`, at most 200 characters."""
+
+    pattern: str
+    what: str  # what the pattern allows, in words
+
+    def check(self, key: str, value: str) -> None:
+        if len(value) > 200 or not re.fullmatch(self.pattern, value):
+            raise ConfigError(f"{key}={quoted(value)} is not {self.what}")
+
+
+@dataclass(frozen=True)
+class Length:
+    """A list's allowed lengths."""
+
+    low: int = 0
+    high: int = 1024
+    what: str = ""  # e.g. "[C, H, W]"
+
+    def check(self, key: str, value: list) -> None:
+        if not self.low <= len(value) <= self.high:
+            size = f"{self.low} entries" if self.low == self.high else f"{self.low} to {self.high} entries"
+            raise ConfigError(f"{key} must have {size}{' ' + self.what if self.what else ''}, got {value}")
+
+
+# A run name is one path component that Linux, macOS and Windows all accept: letters, digits, '.', '_', '-',
+# starting and ending with a letter or digit (Windows drops a trailing dot), and not a Windows device name.
+SAFE_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,62}[A-Za-z0-9])?")
+DEVICE_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))}
+
+
+def slug(text: str) -> str:
+    """A safe name close to `text`, to suggest in the refusal."""
+    name = re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-")[:60].strip("-") or "experiment"
+    return f"{name}-run" if name.lower() in DEVICE_NAMES else name
+
+
+@dataclass(frozen=True)
+class PathName:
+    """A name that goes into a run directory's path: refused (never rewritten) unless one safe component."""
+
+    def check(self, key: str, value: str) -> None:
+        if not SAFE_NAME.fullmatch(value) or value.split(".")[0].lower() in DEVICE_NAMES:
+            raise ConfigError(
+                f"{key}={quoted(value)} cannot name a run directory: use 1-64 letters, digits, '.', '_' or '-', "
+                f"starting and ending with a letter or digit (e.g. {key}={slug(value)})"
+            )
+
+
+Count = Annotated[int, Range(1)]  # 1, 2, ...
+Index = Annotated[int, Range(0)]  # 0, 1, ...
+Rate = Annotated[float, Range(0, low_open=True)]  # finite > 0
+Decay = Annotated[float, Range(0)]  # finite >= 0
+Name = Annotated[str, PathName()]
+Word = Annotated[str, Match(r"[A-Za-z0-9][A-Za-z0-9._-]*", "a name (letters, digits, '.', '_', '-')")]
+Block = Annotated[str, Match(r"[A-Za-z0-9_][A-Za-z0-9_.]*", "a block name (e.g. layer2, layer3.8)")]
+Device = Annotated[str, Match(r"[a-z]+(:[0-9]{1,3})?", "a device (cpu, cuda, cuda:1, mps)")]
+Folder = Annotated[str, Match(r"[^\x00-\x1f]+", "a folder path (no control characters)")]
+
 
 @dataclass
 class DataConfig:
-    name: str = "shapes"  # mnist | fashion-mnist | cifar10 | cifar100 | shapes | fake | seqmnist | ptb
-    root: str | None = None  # default: $LCTRUN_DATA, else ./data
+    name: Word = "shapes"  # mnist | fashion-mnist | cifar10 | cifar100 | shapes | fake | seqmnist | ptb
+    root: Folder | None = None  # default: $LCTRUN_DATA, else ./data
     download: bool = False
-    train_size: int | None = None  # take a subset of the training set (first N of a seeded permutation)
-    test_size: int | None = None
+    train_size: Annotated[int, Range(1, why="(or null for the whole set)")] | None = None  # the first N of a
+    # seeded permutation of the training set
+    test_size: Annotated[int, Range(1, why="(or null for the whole set)")] | None = None
     augment: bool | Literal["none", "crop", "flip", "crop-flip"] = True  # true: the dataset's standard (CIFAR:
     # crop+flip), false: none
-    batch_size: int = 128
-    test_batch_size: int = 500
-    shape: list[int] = field(default_factory=lambda: [3, 32, 32])  # fake data only
-    num_classes: int = 10  # fake data only
-    seq_len: int = 35  # ptb only: tokens per training sequence
+    batch_size: Count = 128
+    test_batch_size: Count = 500
+    shape: Annotated[list[Annotated[int, Range(1, 4096)]], Length(3, 3, "[C, H, W] (e.g. [3, 32, 32])")] = field(
+        default_factory=lambda: [3, 32, 32]
+    )  # fake data only
+    num_classes: Annotated[int, Range(2, 100_000)] = 10  # fake data only
+    seq_len: Count = 35  # ptb only: tokens per training sequence
 
 
 @dataclass
 class ModelConfig:
-    name: str = "cnn-small"
-    split: list[str] = field(default_factory=list)  # cut after these named blocks, e.g. [layer2, layer3.8]
-    groups: int = 1  # K; used when split is empty: cut automatically
+    name: Word = "cnn-small"
+    # cut after these named blocks, e.g. [layer2, layer3.8]
+    split: Annotated[list[Block], Length()] = field(default_factory=list)
+    groups: Count = 1  # K; used when split is empty: cut automatically
     balance: Literal["params", "flops", "time"] = "params"  # what the automatic cut balances (critics included)
 
 
 @dataclass
 class OptimConfig:
     name: Literal["sgd", "adam"] = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
+    lr: Rate = 0.1
+    momentum: Annotated[float, Range(0, 1, high_open=True)] = 0.9
     nesterov: bool = False
-    weight_decay: float = 5e-4
+    weight_decay: Decay = 5e-4
     schedule: Literal["none", "multistep", "cosine"] = "none"  # advanced every optimiser step; milestones in epochs
-    milestones: list[int] = field(default_factory=list)  # epochs, for multistep
-    gamma: float = 0.1
+    milestones: Annotated[list[Index], Length()] = field(default_factory=list)  # epochs, for multistep
+    gamma: Rate = 0.1
 
 
 @dataclass
 class CriticConfig:
     """Auxiliary modules of lct (critics), dgl (heads) and dni (gradient synthesizers)."""
 
-    convs: list[int] = field(default_factory=lambda: [1])  # conv3x3 layers per critic; one entry = all critics
-    channels: int = 128
-    pool: int = 0  # > 0: average conv features down to pool x pool before the critic's convs (cheaper); 0: official
+    convs: Annotated[list[Count], Length(1)] = field(default_factory=lambda: [1])  # conv3x3 layers per critic;
+    # one entry = all critics
+    channels: Count = 128
+    pool: Annotated[int, Range(0, why="(0: no pooling, the official critic)")] = 0  # > 0: average conv features
+    # down to pool x pool before the critic's convs (cheaper)
     loss: Literal["l1", "mse"] = "l1"  # critic cascade loss against the next group's per-sample loss
     optim: Literal["adam", "sgd"] = "adam"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    update_every: int = 1  # train the critics every n steps (ICLR table 3)
+    lr: Rate = 1e-4
+    weight_decay: Decay = 0.0
+    update_every: Count = 1  # train the critics every n steps (ICLR table 3)
     # lct: what critic k learns to match. next: l_{k+1} (the LCT cascade); final: the true loss l_K of the
     # output (critic training, Czarnecki et al. 2017: the ICLR table 1 baseline)
     target: Literal["next", "final"] = "next"
@@ -76,20 +176,21 @@ class CriticConfig:
 class LayerParallelConfig:
     """Penalty / augmented-Lagrangian layer-parallel training (docs/methods.md section 6, methods/layerpar.py)."""
 
-    beta: float = 0.01  # initial penalty weight
-    beta_growth: float = 2.0  # beta *= growth after every parallel epoch (the outer iteration)
-    beta_max: float = 1000.0
-    lambda_lr: float = 100.0  # eta, step size of the proximal auxiliary-variable update
-    fit_step: float = 0.1  # a regression step of group k < K is at most this times the Polyak step (layerpar.py)
+    beta: Rate = 0.01  # initial penalty weight
+    beta_growth: Annotated[float, Range(1, why="(beta never shrinks)")] = 2.0  # beta *= growth after every
+    # parallel epoch (the outer iteration)
+    beta_max: Rate = 1000.0
+    lambda_lr: Rate = 100.0  # eta, step size of the proximal auxiliary-variable update
+    fit_step: Rate = 0.1  # a regression step of group k < K is at most this times the Polyak step (layerpar.py)
     # storage of lambda, mu and the stored phi (their arithmetic is fp32); not the compute precision (`precision`).
     # Was `layerpar.precision`, still read (ALIASES)
     storage: Literal["fp32", "bf16", "fp16"] = "fp32"
     downsample: Literal[1, 2, 4] = 1  # spatial factor of what crosses / is stored at a boundary
     filter: Literal["avg", "bilinear"] = "avg"  # avg (average pool down, nearest up) | bilinear (antialiased down)
     sph: bool = False  # serial-parallel hybrid: alternate parallel and serial (backprop) phases
-    parallel_epochs: int = 1  # per SPH cycle, first
-    serial_epochs: int = 1  # per SPH cycle, second
-    cycles: int | None = None  # SPH cycles; when set, epochs must equal cycles * (parallel + serial epochs)
+    parallel_epochs: Count = 1  # per SPH cycle, first
+    serial_epochs: Count = 1  # per SPH cycle, second
+    cycles: Count | None = None  # SPH cycles; when set, epochs must equal cycles * (parallel + serial epochs)
 
 
 @dataclass
@@ -99,29 +200,32 @@ class PipelineConfig:
     distributed with schedule=none), or in a torch.distributed.pipelining schedule across the K workers."""
 
     schedule: Literal["none", "gpipe", "1f1b"] = "none"  # gpipe, 1f1b: runtime=distributed
-    microbatches: int = 1  # M, dividing data.batch_size
+    microbatches: Count = 1  # M, dividing data.batch_size
 
 
 @dataclass
 class Experiment:
-    name: str = "experiment"
-    seed: int = 0
-    epochs: int = 1
-    method: str = "bp"  # bp | lct | dgl | dni | penalty | al
+    name: Name = "experiment"
+    seed: Index = 0
+    epochs: Count = 1
+    method: Name = "bp"  # bp | lct | dgl | dni | penalty | al
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     layerpar: LayerParallelConfig = field(default_factory=LayerParallelConfig)
     runtime: Literal["serial", "distributed"] = "serial"
-    workers: int | None = None  # distributed: number of worker processes (default: one per group)
-    devices: list[str] = field(default_factory=lambda: ["cpu"])  # one per group, or one for all
-    threads_per_worker: int | None = None  # default: cores // workers (serial: all cores)
-    pipeline_depth: int = 1  # batches in flight per worker (1 = synchronous); local methods, not bp
+    workers: Count | None = None  # distributed: number of worker processes (default: one per group)
+    devices: Annotated[list[Device], Length(1)] = field(default_factory=lambda: ["cpu"])  # one per group, or one
+    # for all
+    threads_per_worker: Count | None = None  # default: cores // workers (serial: all cores)
+    pipeline_depth: Count = 1  # batches in flight per worker (1 = synchronous); local methods, not bp
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)  # bp's micro-batch schedules
-    eval_every: int = 1  # epochs between test evaluations (the last epoch is always evaluated)
+    eval_every: Count = 1  # epochs between test evaluations (the last epoch is always evaluated)
     submodels: bool = True  # evaluate sub-models / ensembles / progressive inference where a method has them
-    exit_thresholds: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    exit_thresholds: Annotated[list[Annotated[float, Range(0, 1, low_open=True)]], Length(1)] = field(
+        default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.99]
+    )
     # the compute precision of every forward (autocast): groups, critics, heads, synthesizers, probes; parameters,
     # optimiser state and the losses a rule compares stay fp32, and activations/gradients cross cuts in it
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -132,6 +236,11 @@ class Experiment:
 ALIASES = {"layerpar.precision": "layerpar.storage"}
 
 
+def hints(cls: type) -> dict[str, Any]:
+    """A config section's field types, with their Annotated rules."""
+    return typing.get_type_hints(cls, include_extras=True)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -139,6 +248,12 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotated type `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        inner, *rules = typing.get_args(tp)
+        value = _coerce(value, inner, key)
+        for rule in rules:
+            rule.check(key, value)
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -195,14 +310,14 @@ def _unknown_key(key: str, valid: list[str], prefix: str) -> ConfigError:
 
 
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    types_ = hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         key = ALIASES.get(prefix + str(key), prefix + str(key))[len(prefix) :]
-        if key not in hints:
+        if key not in types_:
             raise _unknown_key(str(key), names, prefix)
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
+        kwargs[key] = _coerce(value, types_[key], prefix + key)
     return cls(**kwargs)
 
 
@@ -229,13 +344,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         path, value = parse_override(text)
         node, cls = data, Experiment
         for depth, part in enumerate(path[:-1]):
-            hints = typing.get_type_hints(cls)
-            if part not in hints or not dataclasses.is_dataclass(hints[part]):
-                sections = [n for n, t in hints.items() if dataclasses.is_dataclass(t)]
-                if part not in hints:
+            types_ = hints(cls)
+            if part not in types_ or not dataclasses.is_dataclass(types_[part]):
+                sections = [n for n, t in types_.items() if dataclasses.is_dataclass(t)]
+                if part not in types_:
                     raise _unknown_key(part, sections, ".".join(path[:depth]) + ("." if depth else ""))
                 raise ConfigError(f"{quoted('.'.join(path[: depth + 1]))} is not a section; write {quoted(part)}=VALUE")
-            cls = hints[part]
+            cls = types_[part]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{quoted('.'.join(path[: depth + 1]))} must be a mapping in the experiment file")
@@ -271,67 +386,18 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
 
 
 def validate(cfg: Experiment) -> None:
-    """Checks that need more than a type (choices are Literal types, checked by _coerce): value ranges."""
-    positive = {
-        "epochs": cfg.epochs,
-        "data.batch_size": cfg.data.batch_size,
-        "data.test_batch_size": cfg.data.test_batch_size,
-        "model.groups": cfg.model.groups,
-        "pipeline_depth": cfg.pipeline_depth,
-        "pipeline.microbatches": cfg.pipeline.microbatches,
-        "critic.update_every": cfg.critic.update_every,
-        "critic.channels": cfg.critic.channels,
-        "eval_every": cfg.eval_every,
-        "layerpar.parallel_epochs": cfg.layerpar.parallel_epochs,
-        "layerpar.serial_epochs": cfg.layerpar.serial_epochs,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    for key in ("train_size", "test_size"):
-        value = getattr(cfg.data, key)
-        if value is not None and value < 1:
-            raise ConfigError(f"data.{key} must be >= 1 (or null for the whole set), got {value}")
-    if len(cfg.data.shape) != 3 or any(v < 1 for v in cfg.data.shape):
-        raise ConfigError(f"data.shape must be [C, H, W] with sizes >= 1 (e.g. [3, 32, 32]), got {cfg.data.shape}")
-    ranges = {  # key: (value, low, low allowed, high); every one must also be finite
-        "optim.lr": (cfg.optim.lr, 0, False, math.inf),
-        "optim.momentum": (cfg.optim.momentum, 0, True, 1),
-        "optim.weight_decay": (cfg.optim.weight_decay, 0, True, math.inf),
-        "optim.gamma": (cfg.optim.gamma, 0, False, math.inf),
-        "critic.lr": (cfg.critic.lr, 0, False, math.inf),
-        "critic.weight_decay": (cfg.critic.weight_decay, 0, True, math.inf),
-    }
-    for key, (value, low, low_ok, high) in ranges.items():
-        if not math.isfinite(value) or value < low or (value == low and not low_ok) or value >= high:
-            bound = f"{'>=' if low_ok else '>'} {low}" + (f" and < {high}" if math.isfinite(high) else "")
-            raise ConfigError(f"{key} must be a finite number {bound}, got {value}")
-    if cfg.data.num_classes < 2:
-        raise ConfigError(f"data.num_classes must be >= 2, got {cfg.data.num_classes}")
-    if cfg.critic.pool < 0:
-        raise ConfigError(f"critic.pool must be >= 0 (0: no pooling, the official critic), got {cfg.critic.pool}")
-    if any(c < 1 for c in cfg.critic.convs):
-        raise ConfigError(f"critic.convs entries must be >= 1, got {cfg.critic.convs}")
+    """Checks of relations between fields (each field's own range is checked by _coerce, from its type)."""
     lp = cfg.layerpar
-    for key in ("beta", "beta_max", "lambda_lr", "fit_step"):
-        if not getattr(lp, key) > 0 or not math.isfinite(getattr(lp, key)):
-            raise ConfigError(f"layerpar.{key} must be a finite number > 0, got {getattr(lp, key)}")
-    if not 1 <= lp.beta_growth < math.inf:
-        raise ConfigError(f"layerpar.beta_growth must be >= 1 (beta never shrinks), got {lp.beta_growth}")
     if lp.cycles is not None:
         per_cycle = lp.parallel_epochs + lp.serial_epochs
         if not lp.sph:
             raise ConfigError("layerpar.cycles is set but layerpar.sph is false (set layerpar.sph=true)")
-        if lp.cycles < 1 or cfg.epochs != lp.cycles * per_cycle:
+        if cfg.epochs != lp.cycles * per_cycle:
             raise ConfigError(
                 f"layerpar.cycles={lp.cycles} with {lp.parallel_epochs}+{lp.serial_epochs} epochs per cycle needs "
-                f"epochs={max(lp.cycles, 1) * per_cycle}, got epochs={cfg.epochs}"
+                f"epochs={lp.cycles * per_cycle}, got epochs={cfg.epochs}"
             )
     check_microbatches(cfg)
-    if cfg.workers is not None and cfg.workers < 1:
-        raise ConfigError(f"workers must be >= 1, got {cfg.workers}")
-    if cfg.threads_per_worker is not None and cfg.threads_per_worker < 1:
-        raise ConfigError(f"threads_per_worker must be >= 1, got {cfg.threads_per_worker}")
     check_compute(cfg)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ def run_training(
     console: Console | None = None,
     isolated: bool = False,
 ) -> RunResult:
-    """`isolated`: run a serial run in a fresh process, so that its peak memory is its own."""
+    """`isolated`: run a serial run in a fresh process, so that its peak memory is its own. The run directory
+    is locked while the run goes (by rank 0 only, under torchrun)."""
     if resume and run_dir is not None:
         check_same_config(cfg, Path(run_dir))
     if run_dir is not None:
@@ -35,15 +37,23 @@ def run_training(
             f"torchrun started {world} processes but runtime=serial trains the whole model in each of them: "
             f"add runtime=distributed (one process per group), or run without torchrun"
         )
-    if cfg.runtime == "distributed":
-        return launch_distributed(cfg, run_dir=run_dir, resume=resume, console=console)
-    if isolated:
-        from lctrun.reporting.rundir import default_run_dir
-        from lctrun.runtime.processes import run_processes
+    from lctrun.reporting.rundir import default_run_dir
+    from lctrun.runlock import run_lock
 
-        run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
-        return run_processes(IsolatedRun(cfg, run_dir, resume), 1, "run", lambda: resume_hint(run_dir), console)
-    return train(cfg, run_dir=run_dir, resume=resume, console=console)
+    run_dir = Path(run_dir) if run_dir else default_run_dir(cfg)
+    locks = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 holds the lock for every rank
+    with run_lock(run_dir, "--resume" if resume else "--out", console) if locks else contextlib.nullcontext():
+        if not resume and locks:
+            check_new_run_dir(run_dir)  # again, under the lock: a run that started and ended meanwhile
+        if resume and locks:
+            check_trained_config(cfg, run_dir)
+        if cfg.runtime == "distributed":
+            return launch_distributed(cfg, run_dir=run_dir, resume=resume, console=console)
+        if isolated:
+            from lctrun.runtime.processes import run_processes
+
+            return run_processes(IsolatedRun(cfg, run_dir, resume), 1, "run", lambda: resume_hint(run_dir), console)
+        return train(cfg, run_dir=run_dir, resume=resume, console=console)
 
 
 @dataclass
@@ -90,13 +100,20 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
+def differences(before: dict, now: dict) -> list[str]:
+    """The keys of two resolved configs that differ, besides the run's length (RESUMABLE)."""
+    before, now = flatten(before), flatten(now)
+    return [k for k in now if k not in RESUMABLE and before.get(k) != now[k]]
+
+
 def config_differences(cfg: Experiment, run_dir: Path) -> str:
     """What differs between `cfg` and the run's config.yaml, besides its length ("" if nothing, or no run)."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         return ""  # nothing ran there yet: a resume starts it
-    saved, now = flatten(to_dict(load_experiment(saved_path))), flatten(to_dict(cfg))
-    changed = [k for k in now if k not in RESUMABLE and saved.get(k) != now[k]]
+    saved, now = to_dict(load_experiment(saved_path)), to_dict(cfg)
+    changed = differences(saved, now)
+    saved, now = flatten(saved), flatten(now)
     return ", ".join(f"{k}={saved.get(k)!r} in the run but {now[k]!r} now" for k in changed[:3])
 
 
@@ -107,6 +124,26 @@ def check_same_config(cfg: Experiment, run_dir: Path) -> None:
         raise ConfigError(
             f"--resume {run_dir}: the config differs from the run's ({what}); resume with the run's own config "
             f"(lctrun train --resume {run_dir}) or start a new run"
+        )
+
+
+def check_trained_config(cfg: Experiment, run_dir: Path) -> None:
+    """A resume continues the experiment its checkpoint was trained with: config.yaml and the overrides may
+    change its length (epochs, eval_every) and nothing else."""
+    from lctrun.checkpoints import trained_config
+
+    trained = trained_config(run_dir)
+    if trained is None:
+        return
+    now = to_dict(cfg)
+    changed = differences(trained, now)
+    if changed:
+        trained, now = flatten(trained), flatten(now)
+        what = ", ".join(f"{k}={trained.get(k)!r} in its checkpoint but {now[k]!r} now" for k in changed)
+        raise ConfigError(
+            f"--resume {run_dir}: the config differs from the one the run was trained with ({what}); was "
+            f"config.yaml edited after the run started? Restore it (only epochs and eval_every may change), "
+            f"or start a new run"
         )
 
 

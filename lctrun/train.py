@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 
 from lctrun import checkpoints
-from lctrun.config import Experiment
+from lctrun.config import Experiment, to_dict
 from lctrun.errors import LctrunError
 from lctrun.evaluation import test_metrics
 from lctrun.prepared import Prepared, begin_epoch, make_loaders, make_serial_runtime, prepare
@@ -79,6 +79,7 @@ def train(
     run_dir = Path(runtime.agree(str(run_dir or rundir.default_run_dir(cfg))))
     start_epoch, resumed = checkpoints.resume(run_dir, runtime, console) if resume else (0, None)
     files = rundir.RunFiles(run_dir, start_epoch)
+    config = to_dict(cfg)  # saved with every checkpoint: a resume continues this experiment only
     if main:
         files.begin(cfg, {"groups": p.block_names})
     runtime.barrier()
@@ -108,11 +109,11 @@ def train(
                         files.add_epoch(row, runtime.worker_stats)
                         view.end(epoch, row, seconds)
                     runtime.barrier()  # every worker's checkpoint after the main one's rows (a full disk)
-                    checkpoints.save(run_dir, epoch, runtime)
+                    checkpoints.save(run_dir, epoch, runtime, config)
                     if runtime.agree(bool(stop)) and epoch < cfg.epochs:  # asked during evaluation or saving
                         raise LctrunError(f"interrupted after epoch {epoch}{checkpoints.resume_hint(run_dir)}")
         except EpochInterrupted as stopped:
-            checkpoints.save_partial(run_dir, epoch, runtime, stopped.partial)
+            checkpoints.save_partial(run_dir, epoch, runtime, stopped.partial, config)
             message = checkpoints.interrupted_message(run_dir, epoch, stopped.partial["step"], steps_per_epoch)
             raise LctrunError(message) from None
         except KeyboardInterrupt:

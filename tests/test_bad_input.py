@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from lctrun.cli import main
 from lctrun.config import ConfigError, Experiment, load_experiment, to_dict
 from lctrun.launch import flatten
+from lctrun.reporting.rundir import read_rows
 
 # Every run explores the same examples, locally as in CI (no failure that only one of them sees);
 # LCTRUN_HYPOTHESIS_EXPLORE=1 draws new ones, to look for more.
@@ -219,3 +220,47 @@ def test_resuming_after_config_yaml_was_edited_is_one_line(tmp_path, edit):
     code, err = run_cli(["train", "--resume", str(out), "epochs=2"])
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "was config.yaml edited after the run started" in lines[0], err
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../../../escaped", "a/b", '"with\\nnewline"', "' spaced'", "con", ".hidden", "ends.", "x" * 65, "a\\b", "a:b"],
+)
+def test_a_run_name_that_is_not_one_safe_path_component_is_refused(tmp_path, monkeypatch, name):
+    """The name goes into the default run directory's path: anything but one safe component is refused in one
+    line, before any directory is made (none here, nor next to or above it)."""
+    monkeypatch.chdir(tmp_path / "..")
+    before = set(Path.cwd().iterdir())
+    code, err = run_cli(["train", str(EXPERIMENT), *TINY, "epochs=1", f"name={name}"])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "cannot name a run directory" in lines[0], err
+    assert set(Path.cwd().iterdir()) == before and not list(tmp_path.iterdir())
+
+
+def test_a_safe_run_name_names_the_default_run_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["train", str(EXPERIMENT), *TINY, "epochs=1", "name=my_run.v2"])
+    assert code == 0, err
+    (run,) = (tmp_path / "results" / "runs").iterdir()
+    assert run.name.endswith("-my_run.v2-bp") and (run / "metrics.csv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_resuming_after_the_learning_rate_was_edited_in_config_yaml_is_one_line(tmp_path):
+    """The checkpoint carries the config it was trained with: an edit that leaves every shape as it was
+    (optim.lr) is refused too, naming the key and both values; an edit of the run's length is not."""
+    out = tmp_path / "run"
+    code, err = run_cli(["train", str(EXPERIMENT), *TINY, "epochs=1", "optim.lr=0.05", "--out", str(out)])
+    assert code == 0, err
+    config = out / "config.yaml"
+    trained = config.read_text()
+    config.write_text(trained.replace("lr: 0.05", "lr: 0.1"))
+    code, err = run_cli(["train", "--resume", str(out), "epochs=2"])
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "optim.lr=0.05 in its checkpoint but 0.1 now" in lines[0] and "was config.yaml edited" in lines[0]
+    assert [r["epoch"] for r in read_rows(out / "metrics.csv")] == [1]  # nothing trained, nothing lost
+    config.write_text(trained.replace("\nepochs: 1\n", "\nepochs: 2\n"))  # a longer run: allowed
+    code, err = run_cli(["train", "--resume", str(out)])
+    assert code == 0, err
+    assert [r["epoch"] for r in read_rows(out / "metrics.csv")] == [1, 2]

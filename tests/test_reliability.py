@@ -2,6 +2,7 @@
 divergence stops with a message saying where, and runs are deterministic (serial, CPU)."""
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -388,3 +389,86 @@ def test_checkpoints_load_as_data_only(tmp_path):
         load(path)
     torch.save({"epoch": 1, "runtime": {"w": torch.ones(2)}, "rng": {"python": (3, (1, 2), None)}}, path)
     assert load(path)["runtime"]["w"].sum() == 2
+
+
+def cli_run(*extra: str) -> list[str]:
+    """`lctrun train` of a tiny lct run (serial), as a user types it."""
+    return ["train", "experiments/mnist-cnn.yaml", *TINY, *METHODS["lct"], "method=lct", *extra]
+
+
+def test_two_runs_started_into_one_directory_one_runs_and_the_other_is_refused(tmp_path):
+    """Two `train --out D` at once: one runs, the other is refused in one line (the lock's holder, or the run
+    already there if the first one ended before the second looked), and D holds the one run's files only."""
+    run_dir = tmp_path / "run"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lctrun", *cli_run("--out", str(run_dir))],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outs
+    winner, loser = (0, 1) if procs[0].returncode == 0 else (1, 0)
+    lines = outs[loser][1].strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in outs[loser][1], outs[loser][1]
+    assert f"is in use by lctrun process {procs[winner].pid}" in lines[0] or "already holds a run" in lines[0]
+    tables = {f"{t}.{ext}" for t in ("submodels", "ensembles", "progressive") for ext in ("csv", "md")}
+    assert {f.name for f in run_dir.iterdir()} == {"config.yaml", "env.json", "metrics.csv", "workers.csv"} | {
+        "ckpt-e3.pt"
+    } | tables
+    assert json.loads((run_dir / "env.json").read_text())["pid"] == procs[winner].pid
+    assert [r["epoch"] for r in read_rows(run_dir / "metrics.csv")] == [1, 2, 3]
+
+
+def test_a_held_run_directory_is_refused_to_train_resume_and_compare(tmp_path):
+    """While a process holds a directory's lock, every command that would write there is refused in one line
+    naming the holder, and nothing is written; once it is released, --resume runs."""
+    from test_bad_input import run_cli
+
+    from lctrun.runlock import LOCK_NAME, run_lock
+
+    run_dir = tmp_path / "run"
+    assert run_cli([*cli_run("epochs=1"), "--out", str(run_dir)])[0] == 0
+    before = {f.name: f.stat().st_mtime_ns for f in run_dir.iterdir()}
+    fresh = tmp_path / "fresh"  # held by a run that has written nothing yet
+    with run_lock(run_dir), run_lock(fresh):
+        holder = f"is in use by lctrun process {os.getpid()} on "
+        for args in (
+            cli_run("epochs=1", "--out", str(fresh)),
+            ["train", "--resume", str(run_dir), "epochs=2"],
+            ["compare", "experiments/mnist-cnn.yaml", *TINY, "--methods", "bp", "--out", str(run_dir)],
+        ):
+            code, err = run_cli(args)
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and holder in lines[0], (args, err)
+        assert [f.name for f in fresh.iterdir()] == [LOCK_NAME]
+        after = {f.name: f.stat().st_mtime_ns for f in run_dir.iterdir() if f.name != LOCK_NAME}
+        assert after == before  # nothing written, nothing removed
+    assert not (run_dir / LOCK_NAME).exists() and not fresh.exists()  # made by the lock, left empty: removed
+    assert run_cli(["train", "--resume", str(run_dir), "epochs=2"])[0] == 0
+    assert [r["epoch"] for r in read_rows(run_dir / "metrics.csv")] == [1, 2]
+
+
+def test_a_killed_run_leaves_a_stale_lock_that_resume_takes_over_to_the_same_result(tmp_path):
+    """kill -9 in epoch 2 leaves the lock behind (no clean-up runs); --resume finds its process gone, takes the
+    lock over and says so, and ends with the metrics of the run that was never killed."""
+    from lctrun.runlock import LOCK_NAME, read_holder
+
+    whole = lctrun(*cli_run("--out", str(tmp_path / "whole")))
+    assert whole.returncode == 0, whole.stderr
+    part = tmp_path / "part"
+    killed = lctrun(*cli_run("--out", str(part)), env={"LCTRUN_INJECT_FAULT": f"0:{STEPS + 2}:kill"})
+    assert killed.returncode == -signal.SIGKILL
+    stale = read_holder(part / LOCK_NAME)
+    assert stale is not None and not os.path.exists(f"/proc/{stale['pid']}")
+    resumed = lctrun("train", "--resume", str(part))
+    assert resumed.returncode == 0, resumed.stderr
+    said = " ".join(resumed.stdout.split())
+    assert f"took over the lock of {part} from lctrun process {stale['pid']}" in said and "no longer runs" in said
+    assert not (part / LOCK_NAME).exists()
+    same_rows(read_rows(tmp_path / "whole" / "metrics.csv"), read_rows(part / "metrics.csv"))

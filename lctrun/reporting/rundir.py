@@ -181,6 +181,8 @@ def environment(cfg: Experiment, extra: dict | None = None) -> dict:
         "precision": cfg.precision,  # the compute precision (autocast); parameters stay fp32
         "memory_format": cfg.memory_format,
         "git_commit": git_commit(),
+        "host": platform.node(),
+        "pid": os.getpid(),  # the process that wrote this run's files
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **(extra or {}),
