@@ -113,6 +113,8 @@ class Experiment:
     layerpar: LayerParallelConfig = field(default_factory=LayerParallelConfig)
     runtime: Literal["serial", "distributed"] = "serial"
     workers: int | None = None  # distributed: number of worker processes (default: one per group)
+    # distributed bp only: `workers` replicas of the whole model, each on 1/workers of every batch (DDP)
+    data_parallel: bool = False
     devices: list[str] = field(default_factory=lambda: ["cpu"])  # one per group, or one for all
     threads_per_worker: int | None = None  # default: cores // workers (serial: all cores)
     pipeline_depth: int = 1  # batches in flight per worker (1 = synchronous); local methods, not bp
@@ -317,6 +319,7 @@ def validate(cfg: Experiment) -> None:
                 f"epochs={max(lp.cycles, 1) * per_cycle}, got epochs={cfg.epochs}"
             )
     check_microbatches(cfg)
+    check_data_parallel(cfg)
     if cfg.workers is not None and cfg.workers < 1:
         raise ConfigError(f"workers must be >= 1, got {cfg.workers}")
     if cfg.threads_per_worker is not None and cfg.threads_per_worker < 1:
@@ -352,3 +355,17 @@ def check_microbatches(cfg: Experiment) -> None:
             f"pipeline.microbatches={pipe.microbatches} must divide data.batch_size={batch} "
             f"(e.g. pipeline.microbatches={near})"
         )
+
+
+def check_data_parallel(cfg: Experiment) -> None:
+    if not cfg.data_parallel:
+        return
+    fix = "data_parallel=true trains K replicas of the whole model with bp"
+    if cfg.runtime != "distributed" or cfg.method != "bp":
+        raise ConfigError(f"{fix}: set runtime=distributed method=bp (got runtime={cfg.runtime} method={cfg.method})")
+    if cfg.model.split or cfg.model.groups != 1:
+        raise ConfigError(f"{fix}, uncut: drop model.split and set model.groups=1")
+    if cfg.pipeline.schedule != "none" or cfg.pipeline.microbatches != 1:
+        raise ConfigError(f"{fix}, without micro-batches: drop pipeline.schedule and pipeline.microbatches")
+    if cfg.workers is None:
+        raise ConfigError(f"{fix}: give the number of replicas, e.g. workers=2")
