@@ -188,6 +188,9 @@ def project(
     repeats: int = typer.Option(2, help="Timings per block (the best is kept)."),
     overrides: list[str] = typer.Argument(None, help="Extra KEY=VALUE overrides, e.g. critic.pool=4."),
     out: Path = typer.Option(None, "--out", help="Also write the table here (OUT.csv, OUT.md)."),
+    measure: bool = typer.Option(
+        False, "--measure", help="Also run lctrun bench for each K here: measured beside projected, and their ratio."
+    ),
 ) -> None:
     """Project speed and memory per device of every bench configuration on K devices like this one."""
     from lctrun.config import ConfigError
@@ -218,6 +221,7 @@ def project(
         repeats,
         overrides or [],
         out,
+        measure,
         console,
     )
 

@@ -3,6 +3,7 @@ and named presets for GPU links, each with the figures it uses."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,7 +27,7 @@ class PingPong:
     port: int
     small: int = 1
     large: int = 4 * 2**20  # floats (16 MB)
-    rounds: int = 10
+    rounds: int = 20
 
     def __call__(self, rank: int):
         import torch
@@ -39,17 +40,17 @@ class PingPong:
             seconds = []
             for size in (self.small, self.large):
                 x = torch.zeros(size)
-                for warm in (True, False):
+                rounds = []
+                for _ in range(self.rounds + 2):  # the first two warm up
                     start = time.perf_counter()
-                    for _ in range(2 if warm else self.rounds):
-                        if rank == 0:
-                            dist.send(x, 1)
-                            dist.recv(x, 1)
-                        else:
-                            dist.recv(x, 0)
-                            dist.send(x, 0)
-                    if not warm:
-                        seconds.append((time.perf_counter() - start) / (2 * self.rounds))
+                    if rank == 0:
+                        dist.send(x, 1)
+                        dist.recv(x, 1)
+                    else:
+                        dist.recv(x, 0)
+                        dist.send(x, 0)
+                    rounds.append((time.perf_counter() - start) / 2)
+                seconds.append(statistics.median(rounds[2:]))  # a shared machine: the median, not the mean
             return seconds
         finally:
             dist.destroy_process_group()

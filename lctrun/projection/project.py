@@ -211,6 +211,7 @@ def project(
     repeats: int = 2,
     overrides: list[str] | None = None,
     out: Path | None = None,
+    measure: bool = False,
     console: Console | None = None,
 ) -> pd.DataFrame:
     console = console or Console()
@@ -262,6 +263,8 @@ def project(
         "projected_x_best_bp",
         frame["projected_samples_per_s"] / [best[key] for key in zip(frame["link"], frame["K"], strict=True)],
     )
+    if measure:
+        frame = with_measured(frame, model, groups, batch, shape, methods, depths, schedules, microbatches, overrides)
     frame = frame.round(3)
     title = (
         f"PROJECTION of K devices like this one ({device}, {torch.get_num_threads()} threads each): {model}, "
@@ -270,6 +273,11 @@ def project(
     shown = frame[["link", "K", "config", "cut", "projected_samples_per_s", "projected_x_best_bp"]].copy()
     shown["projected MB/device"] = frame["projected_mem_mb_per_device"]
     shown.columns = ["link", "K", "config", "cut", "projected samples/s", "projected x best bp", "projected MB/device"]
+    if measure:
+        shown["measured samples/s (bench)"], shown["projected / measured"] = (
+            frame["measured_samples_per_s"],
+            frame["ratio"],
+        )
     console.print(rich_table(shown, title=title))
     if out is not None:
         from lctrun.reporting.tables import write_table
@@ -285,3 +293,33 @@ def project(
         "saved activations x in flight, auxiliary variables). x best bp: against the fastest projected bp row."
     )
     return frame
+
+
+def with_measured(frame, model, groups, batch, shape, methods, depths, schedules, microbatches, overrides):
+    """The projection check: `lctrun bench` on this machine (K workers sharing its cores) for each K, its
+    samples/s beside the projection's, matched by configuration, and projected / measured."""
+    from lctrun.bench import bench
+
+    measured = []
+    for k in groups:
+        table = bench(
+            model,
+            k,
+            batch,
+            tuple(shape),
+            methods,
+            None,
+            depths=depths,
+            schedules=schedules,
+            microbatches=microbatches,
+            overrides=overrides,
+        )
+        table["config"] = [
+            "bp 1 device" if c == "bp 1 worker, 1 thread" else c.replace("workers", "devices") for c in table["config"]
+        ]
+        table["config"] = table["config"].str.replace(f", {TORCH_ALONE}", f" ({TORCH_ALONE})", regex=False)
+        measured.append(table.assign(K=k)[["K", "config", "cut", "samples_per_s"]])
+    both = frame.merge(pd.concat(measured), on=["K", "config"], how="left", suffixes=("", "_measured"))
+    both = both.rename(columns={"samples_per_s": "measured_samples_per_s"})
+    both["ratio"] = both["projected_samples_per_s"] / both["measured_samples_per_s"]
+    return both
