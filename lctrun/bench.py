@@ -141,6 +141,8 @@ def bench_configs(
     for method in methods:
         if method == "bp":
             rows.append((f"bp model-parallel, {groups} workers", ["method=bp"]))
+            replicas = ["model.groups=1", "model.split=[]", "data_parallel=true", f"workers={groups}"]
+            rows.append((f"bp data-parallel, {groups} workers", ["method=bp", *replicas]))
             for schedule in schedules:
                 for m in microbatches:
                     if batch % m == 0 and (schedule != "1f1b" or m >= groups):

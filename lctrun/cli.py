@@ -172,6 +172,61 @@ def bench(
 
 
 @app.command()
+def project(
+    model: str = typer.Argument("resnet20", help="Model to project (see `lctrun list`)."),
+    groups: str = typer.Option("2,4,8", "--groups", "-k", help="K devices, comma separated."),
+    batch: int = typer.Option(128, help="Batch size."),
+    shape: str = typer.Option("3,32,32", help="Input shape per sample, C,H,W."),
+    methods: str = typer.Option("bp,lct,dgl,dni", help="Methods (bp = every bp configuration)."),
+    depths: str = typer.Option("1,2", help="pipeline_depth of the local methods."),
+    schedules: str = typer.Option("gpipe,1f1b", help="Pipelined bp rows; '' for none."),
+    microbatches: str = typer.Option("2,4,8", help="Micro-batches M of the pipelined bp rows."),
+    links: str = typer.Option("gloo", help="gloo (measured here, two local processes), pcie4, nvlink."),
+    threads: int = typer.Option(0, help="Threads of the profiled device (0: torch's default)."),
+    device: str = typer.Option("cpu", help="Device to profile: cpu or cuda."),
+    samples: int = typer.Option(50000, help="Training samples (penalty/al auxiliary variables)."),
+    repeats: int = typer.Option(2, help="Timings per block (the best is kept)."),
+    overrides: list[str] = typer.Argument(None, help="Extra KEY=VALUE overrides, e.g. critic.pool=4."),
+    out: Path = typer.Option(None, "--out", help="Also write the table here (OUT.csv, OUT.md)."),
+    measure: bool = typer.Option(
+        False, "--measure", help="Also run lctrun bench for each K here: measured beside projected, and their ratio."
+    ),
+) -> None:
+    """Project speed and memory per device of every bench configuration on K devices like this one."""
+    from lctrun.config import ConfigError
+    from lctrun.projection.project import project as run_project
+
+    try:
+        dims = tuple(int(v) for v in shape.split(","))
+        ks = [int(v) for v in groups.split(",") if v]
+        counts = [int(v) for v in microbatches.split(",") if v]
+        depth_list = [int(v) for v in depths.split(",") if v]
+    except ValueError:
+        raise ConfigError("--shape, --groups, --microbatches and --depths are comma-separated integers") from None
+    if not ks or min(ks) < 2:
+        raise ConfigError(f"--groups {groups}: give K >= 2 devices, e.g. --groups 2,4,8")
+    run_project(
+        model,
+        ks,
+        batch,
+        dims,
+        [m for m in methods.split(",") if m],
+        depth_list,
+        [v for v in schedules.split(",") if v],
+        counts,
+        [v for v in links.split(",") if v],
+        device,
+        threads or None,
+        samples,
+        repeats,
+        overrides or [],
+        out,
+        measure,
+        console,
+    )
+
+
+@app.command()
 def reproduce(
     table: str = typer.Argument(None, help="Table name (see --list), e.g. lct-iclr-table1."),
     scale: str = typer.Option(

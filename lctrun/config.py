@@ -216,6 +216,8 @@ class Experiment:
     layerpar: LayerParallelConfig = field(default_factory=LayerParallelConfig)
     runtime: Literal["serial", "distributed"] = "serial"
     workers: Count | None = None  # distributed: number of worker processes (default: one per group)
+    # distributed bp only: `workers` replicas of the whole model, each on 1/workers of every batch (DDP)
+    data_parallel: bool = False
     devices: Annotated[list[Device], Length(1)] = field(default_factory=lambda: ["cpu"])  # one per group, or one
     # for all
     threads_per_worker: Count | None = None  # default: cores // workers (serial: all cores)
@@ -398,6 +400,7 @@ def validate(cfg: Experiment) -> None:
                 f"epochs={lp.cycles * per_cycle}, got epochs={cfg.epochs}"
             )
     check_microbatches(cfg)
+    check_data_parallel(cfg)
     check_compute(cfg)
 
 
@@ -442,3 +445,17 @@ def check_microbatches(cfg: Experiment) -> None:
             f"pipeline.microbatches={pipe.microbatches} must divide data.batch_size={batch} "
             f"(e.g. pipeline.microbatches={near})"
         )
+
+
+def check_data_parallel(cfg: Experiment) -> None:
+    if not cfg.data_parallel:
+        return
+    fix = "data_parallel=true trains K replicas of the whole model with bp"
+    if cfg.runtime != "distributed" or cfg.method != "bp":
+        raise ConfigError(f"{fix}: set runtime=distributed method=bp (got runtime={cfg.runtime} method={cfg.method})")
+    if cfg.model.split or cfg.model.groups != 1:
+        raise ConfigError(f"{fix}, uncut: drop model.split and set model.groups=1")
+    if cfg.pipeline.schedule != "none" or cfg.pipeline.microbatches != 1:
+        raise ConfigError(f"{fix}, without micro-batches: drop pipeline.schedule and pipeline.microbatches")
+    if cfg.workers is None:
+        raise ConfigError(f"{fix}: give the number of replicas, e.g. workers=2")

@@ -44,6 +44,7 @@ def test_bench_measures_every_configuration(tmp_path):
         "bp 1 worker, 1 thread",
         f"bp 1 worker, {os.cpu_count()} threads",
         "bp model-parallel, 2 workers",
+        "bp data-parallel, 2 workers",  # DDP: two replicas of the whole model, each on half of every batch
         "bp gpipe M=2, 2 workers",
         "bp gpipe M=2, 2 workers, torch.distributed.pipelining alone",
         "lct 2 workers, depth 1",
@@ -53,14 +54,17 @@ def test_bench_measures_every_configuration(tmp_path):
     assert (frame["speedup_vs_best_bp"] == (frame["samples_per_s"] / best).round(3)).all()
     assert (frame["samples_per_s"] > 0).all() and (frame["spread"] >= 0).all()
     assert set(frame["noisy"]) <= {"", "noisy"} and ((frame["spread"] > 0.1) == (frame["noisy"] == "noisy")).all()
-    assert list(frame["cut"]) == ["-", "-", "conv2", "conv2", "conv2", "fc1", "fc1"]  # each method its own
+    assert list(frame["cut"]) == ["-", "-", "conv2", "-", "conv2", "conv2", "fc1", "fc1"]  # each method its own
     serial = frame.set_index("config")["samples_per_s"]
     on_conv2, on_fc1 = serial["bp model-parallel, 2 workers"], serial["bp model-parallel, 2 workers, lct's cut"]
-    expected = frame["samples_per_s"] / ([float("nan")] * 2 + [on_conv2] * 3 + [on_fc1] * 2)
+    nan = float("nan")
+    expected = frame["samples_per_s"] / ([nan] * 2 + [on_conv2, nan] + [on_conv2] * 2 + [on_fc1] * 2)
     got = frame["speedup_vs_mp_bp_same_cut"]
-    assert list(got.isna()) == [True] * 2 + [False] * 5 and ((got - expected).abs()[2:] < 2e-3).all()
+    assert list(got.isna()) == [True] * 2 + [False, True] + [False] * 4
+    assert ((got - expected).abs().dropna() < 2e-3).all()
     per_sample = {"conv1": 32 * 14 * 14 * 4, "conv2": 64 * 7 * 7 * 4, "conv3": 128 * 3 * 3 * 4, "fc1": 256 * 4}
     sent = list(frame["bytes_per_sample"])  # bp: activations forward, gradients back (micro-batched or not)
-    assert sent[2] == sent[3] == sent[4] == 2 * per_sample["conv2"]
-    assert sent[5] == per_sample["fc1"] + 4 and sent[6] == 2 * per_sample["fc1"]  # lct: one loss back
+    assert sent[2] == sent[4] == sent[5] == 2 * per_sample["conv2"]
+    assert sent[6] == per_sample["fc1"] + 4 and sent[7] == 2 * per_sample["fc1"]  # lct: one loss back
+    assert frame["workers"][3] == 2 and sent[3] > 0  # the replicas' all-reduce
     assert list(tmp_path.glob("*cnn-small-k2-*.csv")) and list(tmp_path.glob("*cnn-small-k2-*.md"))

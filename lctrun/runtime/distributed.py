@@ -347,6 +347,11 @@ def run_worker(cfg: Experiment, rank: int, world: int, local_rank: int, init_met
             dist.broadcast_object_list(box, src=0)
             cfg = replace(cfg, model=replace(cfg.model, split=box[0]))
         p = prepare(cfg, check_devices=False)
+        if cfg.data_parallel:  # every worker a replica of the whole model
+            from lctrun.runtime.data_parallel import DataParallelRuntime
+
+            runtime = DataParallelRuntime(p.method, build_stage(p, 0, device))
+            return job(p, runtime, Console() if rank == 0 else Console(quiet=True))
         if len(p.groups) != world:
             fix = (
                 f"start torchrun with --nnodes x --nproc_per_node = {len(p.groups)}"

@@ -1,0 +1,1 @@
+"""Projections of K devices from one device's profile: the timeline of each schedule, and `lctrun project`."""

@@ -1,0 +1,155 @@
+"""One device's profile of a model for one batch: every block's forward, backward, optimiser step, saved
+activations and output bytes, at each batch size a schedule needs (the batch, its micro-batches, its 1/K
+shares); and every auxiliary net a method would attach after a block (critic, head, synthesizer)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lctrun.config import CriticConfig
+from lctrun.methods import get_method
+from lctrun.methods.critics import make_aux_optimizer
+from lctrun.runtime.accounting import SavedTensors, tensor_bytes
+
+
+@dataclass(frozen=True)
+class BlockProfile:
+    forward: float  # seconds, at the batch size it was measured at
+    backward: float
+    optimizer: float
+    out_bytes: float  # its output, for the whole batch
+    saved_bytes: float  # what autograd saves for its backward
+    param_bytes: float
+
+
+@dataclass(frozen=True)
+class AuxProfile:
+    forward: float
+    backward: float  # through its parameters and into its input
+    optimizer: float
+    saved_bytes: float
+    param_bytes: float
+    optim_state_bytes: float  # Adam: 2 x parameters; SGD with momentum: 1 x
+
+
+@dataclass
+class Profile:
+    names: list[str]  # block names
+    blocks: dict[int, list[BlockProfile]] = field(default_factory=dict)  # batch size -> per block
+    aux: dict[tuple, AuxProfile] = field(default_factory=dict)  # (method, block index) -> after that block
+    out_shapes: list[tuple[int, ...]] = field(default_factory=list)  # per sample, per block
+
+
+def best_of(run, repeats: int) -> float:
+    run()  # warm-up (allocator, kernels' first call)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_module(module: nn.Module, x: torch.Tensor, loss_of, optimizer, repeats: int) -> tuple:
+    """Best-of-`repeats` seconds of the forward, the backward (from `loss_of(output)`, into x too) and the
+    optimiser step; the bytes autograd saves; the output."""
+    x = x.detach().requires_grad_(x.is_floating_point())
+
+    def forward() -> torch.Tensor:
+        out = module(x)
+        sync(x.device)
+        return out
+
+    fwd = best_of(forward, repeats)
+    bwd = float("inf")
+    for i in range(repeats + 1):  # the first is a warm-up
+        loss = loss_of(forward())
+        start = time.perf_counter()
+        loss.backward()
+        sync(x.device)
+        bwd = min(bwd, time.perf_counter() - start) if i else bwd
+    with SavedTensors() as saved:
+        out = module(x)
+    opt = best_of(lambda: (optimizer.step(), sync(x.device)), repeats)
+    optimizer.zero_grad(set_to_none=True)
+    return fwd, bwd, opt, saved.bytes, out.detach()
+
+
+def sgd(params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(list(params), lr=1e-9, momentum=0.9)
+
+
+def profile_blocks(blocks: list[tuple[str, nn.Module]], x: torch.Tensor, repeats: int) -> list[BlockProfile]:
+    out = []
+    for _, block in blocks:
+        buffers = {k: v.clone() for k, v in block.state_dict().items()}  # timing must not move BN statistics
+        params = [p for p in block.parameters() if p.requires_grad]
+        fwd, bwd, opt, saved, y = time_module(block, x, lambda o: o.float().sum(), sgd(params), repeats)
+        block.load_state_dict(buffers)
+        out.append(BlockProfile(fwd, bwd, opt if params else 0.0, tensor_bytes([y]), saved, tensor_bytes(params)))
+        x = y
+    return out
+
+
+def profile_aux(method: str, h: torch.Tensor, critic: CriticConfig, num_classes: int, repeats: int):
+    """The auxiliary net `method` attaches after an output like h (None: the method attaches none)."""
+    aux = get_method(method).aux_module(tuple(h.shape[1:]), critic, num_classes, 0, 1)
+    if aux is None:
+        return None
+    aux = aux.to(h.device)
+    params = list(aux.parameters())
+    y = torch.randint(0, num_classes, (len(h),), device=h.device)
+    if method == "dni":
+        loss_of = lambda out: F.mse_loss(out, torch.zeros_like(out))  # noqa: E731
+    else:
+        loss_of = lambda out: F.cross_entropy(out, y)  # noqa: E731
+    # lct and dni step their auxiliary nets with critic.optim (Adam by default); dgl with the group's SGD
+    optimizer = sgd(params) if method == "dgl" else make_aux_optimizer(params, critic)
+    fwd, bwd, opt, saved, _ = time_module(aux, h, loss_of, optimizer, repeats)
+    state = 2 if isinstance(optimizer, torch.optim.Adam) else 1
+    return AuxProfile(fwd, bwd, opt, saved, tensor_bytes(params), state * tensor_bytes(params))
+
+
+def profile(
+    model: nn.Module,
+    sample: torch.Tensor,
+    sizes: list[int],
+    methods: list[str],
+    critic: CriticConfig,
+    num_classes: int,
+    repeats: int = 2,
+) -> Profile:
+    """Every block at every batch size in `sizes` (the first rows of `sample`), and each method's auxiliary
+    net after every block but the last, at the whole batch (local methods do not split batches)."""
+    blocks = model.named_blocks()
+    result = Profile([n for n, _ in blocks])
+    with torch.random.fork_rng(devices=[]):
+        for size in sorted(set(sizes), reverse=True):
+            result.blocks[size] = profile_blocks(blocks, sample[:size], repeats)
+        outputs, x = [], sample
+        with torch.no_grad():
+            model.eval()
+            for _, block in blocks:
+                x = block(x)
+                outputs.append(x)
+            model.train()
+        result.out_shapes = [tuple(h.shape[1:]) for h in outputs]
+        measured: dict[tuple, AuxProfile | None] = {}
+        for method in methods:
+            for i, h in enumerate(outputs[:-1]):
+                key = (method, result.out_shapes[i])
+                if key not in measured:
+                    measured[key] = profile_aux(method, h, critic, num_classes, repeats)
+                if measured[key] is not None:
+                    result.aux[(method, i)] = measured[key]
+    return result

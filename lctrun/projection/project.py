@@ -1,0 +1,325 @@
+"""`lctrun project MODEL --groups 2,4,8`: what K devices like this one would reach, from one device's profile.
+
+The rows are the bench's (bench.bench_configs: the one table of which configurations exist and how each is
+configured); each row's config says which schedule it runs. Each method takes the cut it would choose
+(bench's model.balance=time: blocks and the auxiliary net after the cut, priced by the measured forward and
+backward, balanced by models.chain.balanced_cuts), and every schedule is played as a timeline of events per
+device and per link (projection/timeline.py). Memory per device is the analytic account (parameters,
+gradients, optimiser state, saved activations times the batches or micro-batches in flight, auxiliary
+variables). Every figure is a projection, not a measurement.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+from rich.console import Console
+
+from lctrun.bench import TORCH_ALONE, bench_configs, method_of
+from lctrun.config import Experiment, load_experiment
+from lctrun.models import build_model
+from lctrun.models.chain import balanced_cuts
+from lctrun.projection.links import link_named
+from lctrun.projection.profile import Profile, profile
+from lctrun.projection.timeline import (
+    Link,
+    StageCost,
+    data_parallel_bp,
+    layer_parallel,
+    layer_serial_bp,
+    local_method,
+    pipelined_bp,
+    steady_seconds_per_batch,
+)
+from lctrun.reporting.tables import rich_table
+
+MB = 2**20
+LOCAL = ("lct", "dgl", "dni")
+
+
+@dataclass
+class Plan:
+    """A row's schedule: how many devices, which cut, and the timeline that plays it."""
+
+    label: str
+    cfg: Experiment
+    devices: int
+    cut: list[int]  # index of the last block of every group but the last
+
+
+def row_config(base: list[str], extra: list[str]) -> Experiment:
+    return load_experiment(None, base + extra)
+
+
+def groups_of(cut: list[int], n: int) -> list[range]:
+    bounds = [-1, *cut, n - 1]
+    return [range(bounds[i] + 1, bounds[i + 1] + 1) for i in range(len(bounds) - 1)]
+
+
+def aux_split(method: str, aux) -> dict:
+    """How a method spends its auxiliary net's measured forward / backward / step (methods/lct.py, dni.py):
+    lct takes the gradient into h in its step (about half the backward) and the weights' at feedback; dni's
+    synthesizer only runs forward in the step; dgl's head trains with the group, by the group's optimiser."""
+    if aux is None:
+        return {}
+    if method == "lct":
+        return dict(aux_forward=aux.forward, aux_backward=aux.backward / 2, aux_update=aux.backward / 2 + aux.optimizer)
+    if method == "dni":
+        return dict(aux_forward=aux.forward, aux_update=aux.backward + aux.optimizer)
+    return dict(aux_forward=aux.forward, aux_backward=aux.backward + aux.optimizer)
+
+
+def stage_costs(prof: Profile, size: int, cut: list[int], method: str = "bp") -> list[StageCost]:
+    blocks = prof.blocks[size]
+    stages = []
+    for k, group in enumerate(groups_of(cut, len(blocks))):
+        last = group[-1]
+        aux = prof.aux.get((method, last)) if k < len(cut) else None
+        stages.append(
+            StageCost(
+                forward=sum(blocks[i].forward for i in group),
+                backward=sum(blocks[i].backward for i in group),
+                optimizer=sum(blocks[i].optimizer for i in group),
+                out_bytes=blocks[last].out_bytes,
+                param_bytes=sum(blocks[i].param_bytes for i in group),
+                **aux_split(method, aux),
+            )
+        )
+    return stages
+
+
+def choose_cut(prof: Profile, batch: int, k: int, method: str) -> list[int]:
+    """The cut model.balance=time gives this method: each block's forward + backward, plus the auxiliary net the
+    method would attach after it."""
+    blocks = prof.blocks[batch]
+    costs = [b.forward + b.backward for b in blocks]
+    aux = [prof.aux.get((method, i)) for i in range(len(blocks))]
+    end = [[(a.forward + a.backward) if a else 0.0 for a in aux]]
+    return balanced_cuts(costs, k, end)
+
+
+def seconds_per_batch(plan: Plan, prof: Profile, link: Link) -> float:
+    cfg, batch = plan.cfg, plan.cfg.data.batch_size
+    method = cfg.method
+    if plan.devices == 1:
+        return steady_seconds_per_batch(lambda n: layer_serial_bp(stage_costs(prof, batch, []), n), link)
+    if cfg.data_parallel:
+        blocks = stage_costs(prof, -(-batch // plan.devices), list(range(len(prof.names) - 1)))
+        return steady_seconds_per_batch(lambda n: data_parallel_bp(blocks, plan.devices, n), link)
+    if method == "bp" and cfg.pipeline.schedule != "none":
+        m = cfg.pipeline.microbatches
+        stages = stage_costs(prof, batch // m, plan.cut)
+        optim = stage_costs(prof, batch, plan.cut)  # the step is per batch, whatever the micro-batch
+        stages = [replace(s, optimizer=o.optimizer) for s, o in zip(stages, optim, strict=True)]
+        return steady_seconds_per_batch(lambda n: pipelined_bp(stages, m, n, cfg.pipeline.schedule), link)
+    stages = stage_costs(prof, batch, plan.cut, method)
+    if method in LOCAL:
+        loss_bytes = 4 * batch
+        return steady_seconds_per_batch(lambda n: local_method(stages, method, cfg.pipeline_depth, n, loss_bytes), link)
+    if method in ("penalty", "al"):
+        depth = max(cfg.pipeline_depth, 4)
+        down = cfg.layerpar.downsample
+        shapes = [prof.out_shapes[i] for i in plan.cut]
+        sent = [batch * 4 * math.prod(s) / (down**2 if len(s) == 3 else 1) for s in shapes]
+        return steady_seconds_per_batch(lambda n: layer_parallel(stages, depth, n, sent), link)
+    return steady_seconds_per_batch(lambda n: layer_serial_bp(stages, n), link)
+
+
+def memory_mb(plan: Plan, prof: Profile, samples: int) -> list[float]:
+    """Per device: parameters, gradients and optimiser state (SGD momentum: one copy; the aux net's own
+    optimiser), saved activations times what is in flight, auxiliary variables (penalty / al)."""
+    cfg, batch = plan.cfg, plan.cfg.data.batch_size
+    method = cfg.method
+    blocks = prof.blocks[batch]
+    if plan.devices == 1 or cfg.data_parallel:
+        share = 1 if plan.devices == 1 else plan.devices
+        params = sum(b.param_bytes for b in blocks)
+        saved = sum(b.saved_bytes for b in blocks) / share
+        return [(3 * params + saved) / MB] * plan.devices
+    out = []
+    groups = groups_of(plan.cut, len(blocks))
+    for k, group in enumerate(groups):
+        params = sum(blocks[i].param_bytes for i in group)
+        saved = sum(blocks[i].saved_bytes for i in group)
+        total = 3 * params  # parameters, gradients, momentum
+        if method == "bp" and cfg.pipeline.schedule == "1f1b":
+            m = cfg.pipeline.microbatches
+            saved *= min(len(groups) - k, m) / m  # at most K - k micro-batches in flight on stage k
+        total += saved
+        aux = prof.aux.get((method, group[-1])) if k < len(groups) - 1 else None
+        if aux is not None:
+            stashed = cfg.pipeline_depth if method in ("lct", "dni") else 1  # its graph kept until feedback
+            total += 2 * aux.param_bytes + aux.optim_state_bytes + aux.saved_bytes * stashed
+        if method in ("penalty", "al") and k:
+            shape = prof.out_shapes[plan.cut[k - 1]]
+            down = cfg.layerpar.downsample if len(shape) == 3 else 1
+            per_sample = math.prod(shape) / down**2 * {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.layerpar.precision]
+            total += samples * per_sample * (3 if method == "al" else 2)
+        out.append(total / MB)
+    return out
+
+
+def plans(groups: int, cores: int, methods, schedules, microbatches, batch, depths, base, prof: Profile) -> list[Plan]:
+    """The bench's rows for K = groups, one device for the one-worker rows, each method on its own cut, and
+    model-parallel bp on every local method's cut that differs from bp's (as the bench adds it)."""
+    out, cuts, seen_one = [], {}, False
+    for label, extra in bench_configs(methods, groups, cores, schedules, microbatches, batch, depths):
+        cfg = row_config(base, extra)
+        if "model.groups=1" in extra and not cfg.data_parallel:
+            if seen_one:
+                continue  # the bench's one-worker rows differ by threads; one device is the profiled one
+            seen_one, label = True, "bp 1 device"
+            out.append(Plan(label, cfg, 1, []))
+            continue
+        if cfg.data_parallel:
+            out.append(Plan(label.replace("workers", "devices"), cfg, groups, []))
+            continue
+        method = method_of(extra)
+        cut = cuts.setdefault(method, choose_cut(prof, batch, groups, method))
+        label = label.replace("workers", "devices").replace(f", {TORCH_ALONE}", "")
+        if any(p.label == label for p in out):
+            continue  # the bench's torch-alone check is the same schedule as lctrun's row
+        out.append(Plan(label, cfg, groups, cut))
+    bp_cut = cuts.get("bp")
+    for method, cut in cuts.items():
+        if method != "bp" and "bp" in methods and cut != bp_cut:
+            extra = ["method=bp"]
+            out.append(
+                Plan(f"bp model-parallel, {groups} devices, {method}'s cut", row_config(base, extra), groups, cut)
+            )
+    return out
+
+
+def project(
+    model: str,
+    groups: list[int],
+    batch: int = 128,
+    shape: tuple[int, ...] = (3, 32, 32),
+    methods: list[str] | None = None,
+    depths=(1, 2),
+    schedules=("gpipe", "1f1b"),
+    microbatches=(2, 4, 8),
+    links=("gloo",),
+    device: str = "cpu",
+    threads: int | None = None,
+    samples: int = 50000,
+    repeats: int = 2,
+    overrides: list[str] | None = None,
+    out: Path | None = None,
+    measure: bool = False,
+    console: Console | None = None,
+) -> pd.DataFrame:
+    console = console or Console()
+    methods = methods or ["bp", "lct", "dgl", "dni"]
+    cores = os.cpu_count() or 1
+    base = [
+        f"model.name={model}",
+        "data.name=fake",
+        f"data.shape=[{','.join(map(str, shape))}]",
+        f"data.batch_size={batch}",
+        "runtime=distributed",
+        *(overrides or []),
+    ]
+    cfg0 = row_config(base, ["method=bp"])
+    link_list = [link_named(name) for name in links]  # the measured one first: before the profile loads the CPU
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net = build_model(model, cfg0.data.num_classes, tuple(shape)).to(device)
+    sample = torch.randn(batch, *shape, device=device)
+    sizes = [batch] + [batch // m for m in microbatches if batch % m == 0] + [-(-batch // k) for k in groups]
+    console.print(
+        f"profiling {model} on {device} with {torch.get_num_threads()} threads, batch sizes {sorted(set(sizes))}"
+    )
+    prof = profile(net, sample, sizes, [m for m in methods if m != "bp"], cfg0.critic, cfg0.data.num_classes, repeats)
+    rows = []
+    for link in link_list:
+        for k in groups:
+            row_plans = plans(k, cores, methods, schedules, microbatches, batch, depths, base, prof)
+            for plan in row_plans:
+                seconds = seconds_per_batch(plan, prof, link)
+                mem = memory_mb(plan, prof, samples)
+                rows.append(
+                    {
+                        "link": link.name.split()[0],
+                        "K": k,
+                        "config": plan.label,
+                        "cut": ",".join(prof.names[i] for i in plan.cut) or "-",
+                        "projected_samples_per_s": batch / seconds,
+                        "projected_mem_mb_per_device": "/".join(f"{m:.0f}" for m in mem),
+                        "projected_max_mem_mb": max(mem),
+                    }
+                )
+    frame = pd.DataFrame(rows)
+    bp = frame[frame["config"].str.startswith("bp ")]
+    best = bp.groupby(["link", "K"])["projected_samples_per_s"].max()
+    frame.insert(
+        5,
+        "projected_x_best_bp",
+        frame["projected_samples_per_s"] / [best[key] for key in zip(frame["link"], frame["K"], strict=True)],
+    )
+    if measure:
+        frame = with_measured(frame, model, groups, batch, shape, methods, depths, schedules, microbatches, overrides)
+    frame = frame.round(3)
+    title = (
+        f"PROJECTION of K devices like this one ({device}, {torch.get_num_threads()} threads each): {model}, "
+        f"batch {batch} — not measured"
+    )
+    shown = frame[["link", "K", "config", "cut", "projected_samples_per_s", "projected_x_best_bp"]].copy()
+    shown["projected MB/device"] = frame["projected_mem_mb_per_device"]
+    shown.columns = ["link", "K", "config", "cut", "projected samples/s", "projected x best bp", "projected MB/device"]
+    if measure:
+        shown["measured samples/s (bench)"], shown["projected / measured"] = (
+            frame["measured_samples_per_s"],
+            frame["ratio"],
+        )
+    console.print(rich_table(shown, title=title))
+    if out is not None:
+        from lctrun.reporting.tables import write_table
+
+        links_text = "; ".join(link.describe() for link in link_list)
+        paths = write_table(frame, Path(out), f"# {title}\n\nlinks: {links_text}")
+        console.print(f"written: {', '.join(map(str, paths))}")
+    for link in link_list:
+        console.print(f"link {link.describe()}")
+    console.print(
+        "projected from one device's profile of one batch, every schedule played as a timeline of events per "
+        "device and per link; memory: the analytic account per device (parameters, gradients, optimiser state, "
+        "saved activations x in flight, auxiliary variables). x best bp: against the fastest projected bp row."
+    )
+    return frame
+
+
+def with_measured(frame, model, groups, batch, shape, methods, depths, schedules, microbatches, overrides):
+    """The projection check: `lctrun bench` on this machine (K workers sharing its cores) for each K, its
+    samples/s beside the projection's, matched by configuration, and projected / measured."""
+    from lctrun.bench import bench
+
+    measured = []
+    for k in groups:
+        table = bench(
+            model,
+            k,
+            batch,
+            tuple(shape),
+            methods,
+            None,
+            depths=depths,
+            schedules=schedules,
+            microbatches=microbatches,
+            overrides=overrides,
+        )
+        table["config"] = [
+            "bp 1 device" if c == "bp 1 worker, 1 thread" else c.replace("workers", "devices") for c in table["config"]
+        ]
+        table["config"] = table["config"].str.replace(f", {TORCH_ALONE}", f" ({TORCH_ALONE})", regex=False)
+        measured.append(table.assign(K=k)[["K", "config", "cut", "samples_per_s"]])
+    both = frame.merge(pd.concat(measured), on=["K", "config"], how="left", suffixes=("", "_measured"))
+    both = both.rename(columns={"samples_per_s": "measured_samples_per_s"})
+    both["ratio"] = both["projected_samples_per_s"] / both["measured_samples_per_s"]
+    return both
