@@ -158,7 +158,7 @@ def memory_mb(plan: Plan, prof: Profile, samples: int) -> list[float]:
         if method in ("penalty", "al") and k:
             shape = prof.out_shapes[plan.cut[k - 1]]
             down = cfg.layerpar.downsample if len(shape) == 3 else 1
-            per_sample = math.prod(shape) / down**2 * {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.layerpar.precision]
+            per_sample = math.prod(shape) / down**2 * {"fp32": 4, "bf16": 2, "fp16": 2}[cfg.layerpar.storage]
             total += samples * per_sample * (3 if method == "al" else 2)
         out.append(total / MB)
     return out
