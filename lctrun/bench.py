@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from lctrun.data import TensorLoader
 from lctrun.precision import autocast
 from lctrun.prepared import begin_epoch
 from lctrun.reporting.rundir import git_commit, hardware_tag
-from lctrun.reporting.tables import rich_table, write_table
+from lctrun.reporting.tables import rich_table, slug, write_table
 from lctrun.runtime.distributed import spawn_workers
 
 NOISY = 0.10  # spread above which a row is flagged: the machine was busy, its ratios are not to be trusted
@@ -213,10 +212,6 @@ def median_and_spread(speeds: list[float]) -> tuple[float, float]:
     it, so that the noisy flag agrees with the printed figure (a spread of 0.1004 shows as 0.1: not noisy)."""
     median = statistics.median(speeds)
     return median, round((max(speeds) - min(speeds)) / median, 3)
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def bench(

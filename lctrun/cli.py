@@ -237,6 +237,11 @@ def reproduce(
         Path("results/tables"), "--out", help="Tables go to OUT/<table>-<scale>/, runs to OUT/runs/."
     ),
     every: bool = typer.Option(False, "--all", help="Every table, one after the other (runs shared and cached)."),
+    overrides: list[str] = typer.Argument(
+        None,
+        help="KEY=VALUE on every run, e.g. precision=bf16 memory_format=channels_last (tables: OUT/<table>-"
+        "<scale>-<overrides>/).",
+    ),
 ) -> None:
     """Re-run a published table at a scale and show our numbers beside the paper's (runs are cached)."""
     import pandas as pd
@@ -252,7 +257,7 @@ def reproduce(
             raise ConfigError(f"give a table name or --all, not both (got '{table}' and --all)")
         for name in table_names():
             console.rule(name)
-            run_reproduce(name, scale, out, console)
+            run_reproduce(name, scale, out, console, overrides)
         return
     if list_tables or table is None:
         rows = [(n, (t := load_table(n)).title, len(t.runs)) for n in table_names()]
@@ -260,7 +265,7 @@ def reproduce(
         if table is None and not list_tables:
             console.print("give a table name: lctrun reproduce TABLE --scale smoke|small|paper")
         return
-    run_reproduce(table, scale, out, console)
+    run_reproduce(table, scale, out, console, overrides)
 
 
 @app.command("list")

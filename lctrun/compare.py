@@ -196,6 +196,7 @@ def header(cfg: Experiment, experiment: str, methods: list[str], seeds: list[int
         f"- seeds: {len(seeds)} ({', '.join(map(str, seeds))})"
         + ("; accuracies are mean ± std (sample std) over seeds" if len(seeds) > 1 else ""),
         f"- runtime: {cfg.runtime}, devices {', '.join(cfg.devices)}",
+        f"- precision: {cfg.precision} (autocast; parameters fp32), memory format: {cfg.memory_format}",
         f"- hardware: {rundir.hardware_tag()}",
         f"- commit: {rundir.git_commit()}",
         f"- date: {time.strftime('%Y-%m-%d %H:%M:%S')}",

@@ -48,7 +48,7 @@ from lctrun.errors import ConfigError
 from lctrun.reporting import rundir
 from lctrun.reporting.claims import check_claim_spec, evaluate_claims
 from lctrun.reporting.plots import Curve, bar_plot, line_plot
-from lctrun.reporting.tables import rich_table, with_spread, write_table
+from lctrun.reporting.tables import rich_table, slug, with_spread, write_table
 
 TABLES_DIR = Path(__file__).resolve().parent / "experiments" / "tables"  # package data: works installed too
 SCALES = ("smoke", "small", "paper")
@@ -90,9 +90,11 @@ class Table:
     def seeds(self, scale: str) -> int:
         return int(self.own_seeds.get(scale, self.scales[scale].get("seeds", 1)))
 
-    def config(self, run: TableRun, scale: str) -> Experiment:
-        """The resolved config of one run at one scale (its errors name the table and the run)."""
+    def config(self, run: TableRun, scale: str, extra: list[str] | None = None) -> Experiment:
+        """The resolved config of one run at one scale, with `extra` overrides last (its errors name the table
+        and the run)."""
         overrides = self.scales[scale].get("overrides", []) + run.overrides + run.scale_overrides.get(scale, [])
+        overrides += extra or []
         try:
             cfg = load_experiment(self.experiment and TABLES_DIR.parents[1] / self.experiment, overrides)
         except ConfigError as e:
@@ -371,7 +373,9 @@ def write_claims(claims: pd.DataFrame, target: Path) -> list[Path]:
     return [target / "claims.csv"]
 
 
-def header(table: Table, scale: str, configs: list[Experiment], commits: list[str], seeds: int = 1) -> str:
+def header(
+    table: Table, scale: str, configs: list[Experiment], commits: list[str], seeds: int = 1, extra: list[str] = ()
+) -> str:
     datasets = sorted(
         {f"{c.data.name} ({c.data.train_size or 'all'} train / {c.data.test_size or 'all'} test)" for c in configs}
     )
@@ -391,6 +395,9 @@ def header(table: Table, scale: str, configs: list[Experiment], commits: list[st
             if seeds > 1
             else "one seed"
         ),
+        f"- precision {', '.join(sorted({c.precision for c in configs}))} (autocast; parameters fp32), memory format "
+        f"{', '.join(sorted({c.memory_format for c in configs}))}"
+        + (f"; overrides on every run: {' '.join(extra)}" if extra else ""),
         f"- hardware: {rundir.hardware_tag()}, devices {'; '.join(devices)}; runs made by commit "
         f"{', '.join(commits)} (each run's done.json); rendered "
         f"{pd.Timestamp.now().strftime('%Y-%m-%d %H:%M')}",
@@ -446,14 +453,22 @@ def plots(table: Table, frame: pd.DataFrame, rows: list[dict], configs: dict[str
     return paths
 
 
-def reproduce(name: str, scale: str = "small", out: Path = Path("results/tables"), console: Console | None = None):
+def reproduce(
+    name: str,
+    scale: str = "small",
+    out: Path = Path("results/tables"),
+    console: Console | None = None,
+    overrides: list[str] | None = None,
+):
+    """The table at `scale`; `overrides` go on every run (e.g. precision=bf16) and into the folder's name."""
     console = console or Console()
+    overrides = list(overrides or [])
     if scale not in SCALES:
         raise ConfigError(f"--scale {scale!r} is not one of: {', '.join(SCALES)}")
     table = load_table(name)
     check_table(table)
     code = rundir.code_version()
-    configs = {run.label: table.config(run, scale) for run in table.runs}
+    configs = {run.label: table.config(run, scale, overrides) for run in table.runs}
     seeds = table.seeds(scale)
     rows, commits, changes = [], [], {}
     for i, run in enumerate(table.runs, 1):
@@ -472,8 +487,8 @@ def reproduce(name: str, scale: str = "small", out: Path = Path("results/tables"
     relative(rows, table.reference, table.layer_serial, table.best_bp)
     frame = assemble(table, rows)
     claims = evaluate_claims(table, rows, published_value)
-    target = Path(out) / f"{name}-{scale}"
-    text = header(table, scale, list(configs.values()), list(dict.fromkeys(commits)), seeds)
+    target = Path(out) / "-".join([name, scale, *(slug(o) for o in overrides)])
+    text = header(table, scale, list(configs.values()), list(dict.fromkeys(commits)), seeds, overrides)
     text += "\n" + convergence_line({k: sum(v) / len(v) for k, v in changes.items()}, table.gap_to)
     written = write_table(frame, target / "table", text, shown=with_spread(frame))
     if claims is not None:
