@@ -414,6 +414,11 @@ def check_compute(cfg: Experiment) -> None:
     except ConfigError:  # an unknown dataset is said where the data is loaded, with its suggestions
         shape = None
     check_precision(cfg.precision, cfg.memory_format, cfg.devices, None if shape is None else len(shape))
+    if cfg.precision == "fp16" and cfg.pipeline.schedule != "none":
+        raise ConfigError(
+            f"precision=fp16 with pipeline.schedule={cfg.pipeline.schedule}: the schedule's workers would need one "
+            "shared loss scale, which lctrun does not keep; use precision=bf16 (no loss scale needed)"
+        )
 
 
 def check_microbatches(cfg: Experiment) -> None:

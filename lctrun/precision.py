@@ -5,7 +5,8 @@ synthesizers and probes compute in the low-precision dtype, while parameters, gr
 optimiser state stay fp32 (autocast casts weights per op; nothing converts the modules). Losses are taken on
 fp32 logits (methods.base.per_sample_loss), so the per-sample losses a rule compares (lct's critic target,
 dni's regression, the penalty/al arithmetic) are fp32. Activations and activation gradients cross a cut in
-the compute dtype (Wire.dtype): under bf16 a message costs half the bytes of fp32.
+the compute dtype (Wire.dtype): under bf16 a message costs half the bytes of fp32. Under fp16 every stage
+keeps its own loss scale (Stage.scaler) and gradients cross a cut unscaled, in fp32 (docs/methods.md section 8).
 
 `memory_format: channels_last` stores the model's 4-D weights and every input batch channels-last (NHWC),
 the layout the CPU's oneDNN and the GPU's tensor-core convolutions run fastest on; activations then stay

@@ -206,3 +206,29 @@ def test_bf16_halves_the_bytes_across_the_cut(tmp_path, method):
         assert sent["bf16"][1] * 2 == sent["fp32"][1]  # the gradients back
     else:
         assert sent["bf16"][1] == sent["fp32"][1] == 64 * 4  # one fp32 loss per sample
+
+
+@pytest.mark.parametrize("method", ["bp", "dni"])
+def test_fp16_gradients_cross_the_cut_unscaled_in_fp32(monkeypatch, method):
+    """Under fp16 each worker scales its own losses (GradScaler); the gradient group 1 receives is the true one
+    (fp32, within fp16 rounding of the fp32 run's), not one multiplied by group 2's loss scale (65536 at first).
+    The scaler's state is part of the stage's checkpoint. fp16 runs emulated here (the native check is patched)."""
+    import lctrun.precision
+
+    monkeypatch.setattr(lctrun.precision, "cpu_has_native_fp16", lambda: True)
+    received = {}
+    for precision in ("fp32", "fp16"):
+        p = prepare(load_experiment(None, TINY + [f"method={method}", f"precision={precision}"]))
+        runtime = make_serial_runtime(p)
+        feedback = runtime.stages[0].feedback
+        runtime.stages[0].feedback = lambda msg, precision=precision, f=feedback: (
+            received.setdefault(precision, msg) is None or f(msg)
+        )
+        train, _ = make_loaders(p, "cpu")
+        begin_epoch(p, runtime, 1, train)
+        runtime.train_epoch(train)
+        if precision == "fp16":
+            assert runtime.stages[1].loss_scale() > 1 and "scaler" in runtime.stages[1].state_dict()
+    first, second = received["fp32"], received["fp16"]
+    assert second.dtype == torch.float32
+    assert float((second - first).norm() / first.norm()) < 0.1  # fp16 rounding; the scale would be a factor 1e4

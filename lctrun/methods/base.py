@@ -102,8 +102,14 @@ class StageContext:
 
     @property
     def message_dtype(self) -> torch.dtype:
-        """Activations and their gradients cross a cut in the compute dtype."""
+        """Activations (and, but under fp16, their gradients) cross a cut in the compute dtype."""
         return compute_dtype(self.precision)
+
+    @property
+    def gradient_dtype(self) -> torch.dtype:
+        """Gradients across a cut: in the compute dtype, except under fp16, where a gradient without this
+        worker's loss scale (each worker has its own) would underflow, so it travels unscaled in fp32."""
+        return torch.float32 if self.precision == "fp16" else self.message_dtype
 
     @property
     def first(self) -> bool:
@@ -148,6 +154,9 @@ class Stage:
         self.group = group.to(ctx.device)
         self.opt = make_optimizer(self.group.parameters(), ctx.cfg.optim)
         self.sched = make_scheduler(self.opt, ctx.cfg.optim, ctx.cfg.epochs, ctx.steps_per_epoch)
+        # fp16 only: this worker's dynamic loss scale, for every backward it runs (its group's and its auxiliary
+        # net's); a no-op otherwise. Gradients leave and enter a stage unscaled (scale_grad, unscale_grad).
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision == "fp16")
         self.pending: deque = deque()  # per-batch state kept until that batch's feedback arrives
         self.steps = 0
         self.microbatch, self.microbatches = 0, 1  # which part of the batch the next train_step is
@@ -161,6 +170,19 @@ class Stage:
     def zero_grad(self) -> None:
         if self.microbatch == 0:
             self.opt.zero_grad(set_to_none=True)
+
+    # -- loss scaling (fp16) ------------------------------------------------------------------------
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """A loss (or a received gradient) times this worker's loss scale; unchanged but under fp16."""
+        return self.scaler.scale(loss)
+
+    def loss_scale(self) -> float:
+        """The scale the next backward runs with (1 but under fp16): read before an update may change it."""
+        return self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+
+    def unscaled(self, grad: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+        """An input gradient computed under `scale`, as the previous group must receive it."""
+        return grad if grad is None or scale == 1.0 else grad.float() / scale
 
     def update(self) -> None:
         """Step the group (its optimiser and schedule) once the batch's last micro-batch is in."""
@@ -194,16 +216,22 @@ class Stage:
         if send_back == "loss" and not self.ctx.first:
             self.emit(backward=losses.detach())
         self.zero_grad()
-        (losses.mean() / self.microbatches).backward()  # / 1 is exact: unchanged without micro-batches
+        scale = self.loss_scale()
+        self.scaled(losses.mean() / self.microbatches).backward()  # / 1 is exact: unchanged without micro-batches
         self.update()
-        back = {"grad": x_in.grad, "loss": losses.detach(), None: None}[send_back]
+        back = {"grad": self.unscaled(x_in.grad, scale), "loss": losses.detach(), None: None}[send_back]
         metrics = classification_metrics(logits, y, losses)
         return StepOut(None, None if self.ctx.first else back, metrics)
 
     def optimizer_step(self) -> None:
-        """Step the group's optimiser and its schedule (the auxiliary optimisers have none)."""
-        self.opt.step()
+        """Step the group's optimiser and its schedule (the auxiliary optimisers have none). Under fp16 the
+        scaler unscales the gradients first and skips the step if any is inf/NaN (then lowers the scale)."""
+        self.step_with_scaler(self.opt)
         self.sched.step()
+
+    def step_with_scaler(self, opt: torch.optim.Optimizer) -> None:
+        self.scaler.step(opt)
+        self.scaler.update()
 
     def begin_epoch(self, plan: EpochPlan) -> None:
         """Called before each epoch (and before its refresh pass)."""
@@ -241,6 +269,8 @@ class Stage:
             "sched": self.sched.state_dict(),
         }
         state["steps"] = self.steps
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
         if self.aux is not None:
             state["aux"] = self.aux.state_dict()
             if getattr(self, "aux_opt", None) is not None:
@@ -252,6 +282,8 @@ class Stage:
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
         self.steps = state["steps"]
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         if self.aux is not None:
             self.aux.load_state_dict(state["aux"])
             if "aux_opt" in state:
@@ -284,7 +316,7 @@ class Method:
         if self.takes_feedback and not ctx.last:
             feedback = () if self.message == "loss" else ctx.out_shape
         depth = ctx.cfg.pipeline_depth if self.pipelines else 1
-        back = ctx.message_dtype if self.message == "grad" else torch.float32
+        back = ctx.gradient_dtype if self.message == "grad" else torch.float32
         return Wire(ctx.in_shape, feedback, depth, dtype=ctx.message_dtype, feedback_dtype=back)
 
     def plan(self, cfg: Experiment, epoch: int) -> EpochPlan:

@@ -31,9 +31,10 @@ class BPStage(Stage):
     def feedback(self, grad: torch.Tensor) -> torch.Tensor | None:
         x_in, h = self.pending.popleft()
         self.zero_grad()
-        h.backward(grad.to(h.dtype))  # group k+1's gradient already carries the micro-batch's 1/n weight
+        scale = self.loss_scale()
+        h.backward(self.scaled(grad).to(h.dtype))  # group k+1's gradient already carries the micro-batch's 1/n
         self.update()
-        return x_in.grad
+        return self.unscaled(x_in.grad, scale)
 
 
 class Backprop(Method):

@@ -92,14 +92,15 @@ def stashed_forward(
     return torch.func.functional_call(module, stash, (x,)), stash
 
 
-def step_from_stash(module: nn.Module, stash: dict[str, torch.Tensor], loss: torch.Tensor, opt) -> None:
-    """Backpropagate `loss` into the stashed weights, then step the module's own weights with it.
+def step_from_stash(module: nn.Module, stash: dict[str, torch.Tensor], loss: torch.Tensor, opt, stage) -> None:
+    """Backpropagate `loss` into the stashed weights, then step the module's own weights with it (through the
+    stage's loss scaler: scaled, unscaled and checked under fp16, a plain step otherwise).
 
     Only the weights' gradients are asked for: the input's was taken at forward time, and a plain
     backward() would compute it again (a second conv input-backward per step)."""
     names = list(stash)
-    grads = torch.autograd.grad(loss, [stash[n] for n in names])
+    grads = torch.autograd.grad(stage.scaled(loss), [stash[n] for n in names])
     params = dict(module.named_parameters())
     for name, grad in zip(names, grads, strict=True):
         params[name].grad = grad
-    opt.step()
+    stage.step_with_scaler(opt)

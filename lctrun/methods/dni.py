@@ -34,16 +34,17 @@ class SynthesizerStage(Stage):
         predicted, stash = stashed_forward(self.aux, h_synth, pipelined=self.wire.depth > 1)
         self.emit(h_synth)
         self.opt.zero_grad(set_to_none=True)
-        h.backward(predicted.detach().to(h.dtype) / len(h))
+        scale = self.loss_scale()
+        h.backward(self.scaled(predicted.detach() / len(h)).to(h.dtype))
         self.optimizer_step()
         self.steps += 1
         self.pending.append((predicted, stash))
-        return StepOut(h_synth, x_in.grad, {})
+        return StepOut(h_synth, self.unscaled(x_in.grad, scale), {})
 
     def feedback(self, true_grad: torch.Tensor) -> None:
         predicted, stash = self.pending.popleft()
         loss = F.mse_loss(predicted.float(), true_grad.float() * len(true_grad))
-        step_from_stash(self.aux, stash, loss, self.aux_opt)
+        step_from_stash(self.aux, stash, loss, self.aux_opt, self)
         return None
 
 

@@ -96,8 +96,8 @@ class LayerParallelStage(BPStage):
         self.phase, self.beta = plan.phase, plan.beta or self.beta
         ctx = self.ctx
         if self.phase == "serial":  # model-parallel backprop, as bp
-            act = ctx.message_dtype
-            self.wire = Wire(ctx.in_shape, None if ctx.last else ctx.out_shape, 1, dtype=act, feedback_dtype=act)
+            out = None if ctx.last else ctx.out_shape
+            self.wire = Wire(ctx.in_shape, out, 1, dtype=ctx.message_dtype, feedback_dtype=ctx.gradient_dtype)
         else:  # phi goes forward in the compute dtype; the target back is a rule's (lambda + mu / beta): fp32
             in_shape = ctx.in_shape if ctx.first else self.in_stored
             depth = max(ctx.cfg.pipeline_depth, PARALLEL_DEPTH)
@@ -151,8 +151,10 @@ class LayerParallelStage(BPStage):
             metrics = {"fit_loss": losses.detach().sum()}
         loss = losses.mean()
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scale = self.loss_scale()
+        self.scaled(loss).backward()
         if not self.ctx.last:
+            self.scaler.unscale_(self.opt)  # the cap compares the true gradient with the loss (fp16 only)
             self.cap_regression_step(loss)
         self.optimizer_step()
         self.steps += 1
@@ -160,7 +162,7 @@ class LayerParallelStage(BPStage):
             return StepOut(None if phi is None else phi.detach(), None, metrics)
         self.pending.append(idx)  # where group k-1's phi for these samples goes when it arrives
         # the loss is the batch mean of per-sample terms, so d(term of sample s)/d lambda_s = B * lam.grad_s
-        residual = self.update_aux(idx, self.phi[idx].float(), lam.grad * len(y))
+        residual = self.update_aux(idx, self.phi[idx].float(), self.unscaled(lam.grad, scale) * len(y))
         metrics["residual"] = residual.pow(2).flatten(1).sum(1).sum()
         return StepOut(None if self.ctx.last else phi.detach(), self.target_of(idx), metrics)
 

@@ -74,7 +74,7 @@ class CriticStage(Stage):
         relay = self.ctx.cfg.critic.target == "final"  # l_K is sent on from feedback
         back = None if self.ctx.first or relay else losses.detach()
         self.emit(h_critic.detach(), back)
-        (grad_h,) = torch.autograd.grad(losses.mean(), h_critic, retain_graph=True)
+        (grad_h,) = torch.autograd.grad(self.scaled(losses.mean()), h_critic, retain_graph=True)
         self.opt.zero_grad(set_to_none=True)
         h.backward(grad_h)
         self.optimizer_step()
@@ -90,7 +90,7 @@ class CriticStage(Stage):
             return relayed
         diff = losses - next_losses.detach()
         critic_loss = diff.abs().mean() if self.ctx.cfg.critic.loss == "l1" else diff.pow(2).mean()
-        step_from_stash(self.aux, stash, critic_loss, self.aux_opt)
+        step_from_stash(self.aux, stash, critic_loss, self.aux_opt, self)
         return relayed
 
     def aux_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,7 @@ class HeadStage(Stage):
         losses = per_sample_loss(logits, y)
         self.emit(h.detach())  # after the head: its forward could change h in place
         self.opt.zero_grad(set_to_none=True)
-        losses.mean().backward()
+        self.scaled(losses.mean()).backward()
         self.optimizer_step()
         self.steps += 1
         return StepOut(h.detach(), None, classification_metrics(logits, y, losses))
