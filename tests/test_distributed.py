@@ -229,6 +229,36 @@ print(before, threads())
 """
 
 
+RELEASE_DDP = """
+import gc
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from lctrun.config import load_experiment
+from lctrun.prepared import make_loaders
+from lctrun.runtime import distributed
+
+held = []
+def destroy(destroy=dist.destroy_process_group):
+    held.append(sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
+    destroy()
+distributed.dist.destroy_process_group = destroy
+store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+overrides = ["data.name=fake", "data.shape=[1,8,8]", "data.train_size=32", "data.test_size=8", "data.batch_size=16"]
+overrides += ["model.name=cnn-small", "runtime=distributed", "data_parallel=true", "workers=1"]
+job = lambda p, runtime, console: runtime.train_epoch(make_loaders(p, "cpu")[0])
+distributed.run_worker(load_experiment(None, overrides), 0, 1, 0, f"store://127.0.0.1:{store.port}", job)
+print(held[0])
+"""
+
+
+def test_a_data_parallel_worker_lets_go_of_its_replica_before_it_leaves_the_group():
+    """DDP's reducer holds the process group: a replica still alive at destroy_process_group keeps gloo's threads
+    running into interpreter shutdown (the bench's data-parallel row aborted with signal 6 once)."""
+    out = subprocess.run([sys.executable, "-c", RELEASE_DDP], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "0"  # no DistributedDataParallel object left when the group is destroyed
+
+
 def test_a_worker_lets_go_of_its_process_group_before_it_exits():
     """Nothing may keep the process group alive past destroy_process_group: its gloo threads would run into
     interpreter shutdown, where one can free a tensor and abort the worker after its work is done

@@ -57,10 +57,17 @@ class DataParallelRuntime:
         self.module = stage.group
         self.scale = 1.0
         # the scale sits inside DDP, on the model's output, so that DDP averages the scaled gradients
-        self.module.register_forward_hook(lambda module, args, out: ScaleGrad.apply(out, self.scale))
+        self.hook = self.module.register_forward_hook(lambda module, args, out: ScaleGrad.apply(out, self.scale))
         device_ids = [stage.device] if stage.device.type == "cuda" else None
         self.replica = DistributedDataParallel(self.module, device_ids=device_ids)
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.module.parameters() if p.requires_grad)
+
+    def close(self) -> None:
+        """Let go of the replica before the process group is destroyed: DDP's reducer holds the group, and the
+        hook on the plain module (which the prepared run still holds) would keep this runtime, and so the
+        replica, alive past destroy_process_group (runtime/distributed.py says what follows)."""
+        self.hook.remove()
+        self.replica = None
 
     # -- one training pass (runtime/loop.py runs it) -------------------------------------------------
     def train_epoch(self, loader: TensorLoader, on_batch=None, stop=None, partial=None) -> dict[str, float]:

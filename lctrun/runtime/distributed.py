@@ -14,6 +14,7 @@ The stage's `wire` gives the message shapes, D and the order for the epoch (they
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from collections import deque
@@ -351,7 +352,11 @@ def run_worker(cfg: Experiment, rank: int, world: int, local_rank: int, init_met
             from lctrun.runtime.data_parallel import DataParallelRuntime
 
             runtime = DataParallelRuntime(p.method, build_stage(p, 0, device))
-            return job(p, runtime, Console() if rank == 0 else Console(quiet=True))
+            result = job(p, runtime, Console() if rank == 0 else Console(quiet=True))
+            runtime.close()  # DDP's reducer holds the process group: gone before destroy_process_group
+            del runtime
+            gc.collect()
+            return result
         if len(p.groups) != world:
             fix = (
                 f"start torchrun with --nnodes x --nproc_per_node = {len(p.groups)}"
