@@ -24,8 +24,8 @@ test-fast: venv
 	$(BIN)/pytest -q -m "not slow"
 
 lint: venv
-	$(BIN)/ruff check lctrun tests
-	$(BIN)/ruff format --check lctrun tests
+	$(BIN)/ruff check lctrun tests scripts
+	$(BIN)/ruff format --check lctrun tests scripts
 
 format: venv
 	$(BIN)/ruff format lctrun tests
