@@ -122,6 +122,12 @@ class TorchPipelineJob:
 ACCOUNT = ("activations_mb", "params_mb", "grads_mb", "optim_mb", "aux_vars_mb")
 
 
+def critical_path_s(workers: list[dict]) -> float:
+    """The busiest worker's compute seconds: with perfect overlap the workers run side by side, so the step
+    can go no faster than that (the ideal throughput is samples over it, not over the workers' sum)."""
+    return max(w["compute_s"] for w in workers)
+
+
 def account_mb(w: dict) -> float:
     return sum(w[k] for k in ACCOUNT)
 
@@ -278,7 +284,7 @@ def bench(
         median, spread = median_and_spread([r["samples"] / r["seconds"] for r in results])
         result = min(results, key=lambda r: abs(r["samples"] / r["seconds"] - median))  # a repeat at the median
         workers = result["workers"]
-        critical = max(w["compute_s"] for w in workers)
+        critical = critical_path_s(workers)
         rows.append(
             {
                 "config": label,

@@ -15,7 +15,7 @@ from lctrun.errors import ConfigError
 from lctrun.methods import EpochPlan, Method, build_stage, get_method, group_shapes
 from lctrun.models import build_model, split_groups
 from lctrun.models.chain import Group
-from lctrun.precision import check_precision, in_memory_format
+from lctrun.precision import autocast, check_precision, in_memory_format, to_memory_format
 from lctrun.runtime.serial import SerialRuntime
 
 
@@ -67,7 +67,8 @@ def prepare(cfg: Experiment, check_devices: bool = True) -> Prepared:
     data = in_memory_format(data, cfg.memory_format)
     seed_everything(cfg.seed)
     try:  # building and cutting run the model on a sample: inputs too small for it fail here
-        model = build_model(cfg.model.name, data.num_classes, data.in_shape)
+        # a time-balanced cut times each block (and critic) as it will run: in its precision and memory format
+        model = to_memory_format(build_model(cfg.model.name, data.num_classes, data.in_shape), cfg.memory_format)
         sample = None
         if cfg.model.balance in ("time", "flops"):
             loader = TensorLoader(
@@ -75,8 +76,13 @@ def prepare(cfg: Experiment, check_devices: bool = True) -> Prepared:
             )
             sample = next(iter(loader)).x
         n_aux = max(cfg.model.groups - 1, 1)
-        aux_for = lambda shape, j: method.aux_module(shape, cfg.critic, data.num_classes, j, n_aux)  # noqa: E731
-        groups = split_groups(model, cfg.model.split, cfg.model.groups, cfg.model.balance, sample, aux_for)
+
+        def aux_for(shape, j):
+            aux = method.aux_module(shape, cfg.critic, data.num_classes, j, n_aux)
+            return None if aux is None else to_memory_format(aux, cfg.memory_format)
+
+        with autocast(cfg.precision, ["cpu"]):  # where the blocks are built and timed
+            groups = split_groups(model, cfg.model.split, cfg.model.groups, cfg.model.balance, sample, aux_for)
         shapes = group_shapes(groups, data.in_shape)
     except RuntimeError as e:
         problem = " ".join(str(e).split())[:200]

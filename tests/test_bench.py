@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from lctrun.bench import bench, median_and_spread
+from lctrun.bench import bench, critical_path_s, median_and_spread
 
 
 @pytest.mark.parametrize(
@@ -68,3 +68,12 @@ def test_bench_measures_every_configuration(tmp_path):
     assert sent[6] == per_sample["fc1"] + 4 and sent[7] == 2 * per_sample["fc1"]  # lct: one loss back
     assert frame["workers"][3] == 2 and sent[3] > 0  # the replicas' all-reduce
     assert list(tmp_path.glob("*cnn-small-k2-*.csv")) and list(tmp_path.glob("*cnn-small-k2-*.md"))
+    timed = frame.dropna(subset=["ideal_samples_per_s"])  # the ideal: samples over the busiest worker's compute
+    for compute, ideal in zip(timed["compute_s_per_worker"], timed["ideal_samples_per_s"], strict=True):
+        busiest = max(float(c) for c in str(compute).split("/"))
+        assert abs(3 * 16 / ideal - busiest) <= 0.0051  # 3 steps of 16; compute is printed to 2 places
+
+
+def test_the_ideal_is_set_by_the_busiest_worker():
+    """Workers overlap at best: the critical path is the largest compute time, not their sum."""
+    assert critical_path_s([{"compute_s": 2.0}, {"compute_s": 3.0}]) == 3.0

@@ -139,6 +139,22 @@ def test_refresh_makes_every_residual_zero():
     assert first.wire.order == middle.wire.order == "backward"
 
 
+def test_the_refresh_before_each_parallel_phase_sets_mu_to_zero():
+    """al with SPH: a parallel epoch moves mu, a serial epoch follows, and the refresh that starts the next parallel
+    phase sets lambda = phi and mu = 0 for every sample (docs/methods.md section 6)."""
+    p = prepare(load_experiment(None, TINY + ["method=al", "model.split=[conv2]", "layerpar.sph=true", "epochs=3"]))
+    runtime = make_serial_runtime(p)
+    loader, _ = make_loaders(p, "cpu")
+    for epoch in (1, 2):  # parallel (mu moves), then serial
+        begin_epoch(p, runtime, epoch, loader)
+        runtime.train_epoch(loader)
+    stage = runtime.stages[1]
+    assert float(stage.mu.abs().sum()) > 0 and not torch.equal(stage.lam, stage.phi)
+    plan = begin_epoch(p, runtime, 3, loader)  # the refresh of the next parallel phase
+    assert plan.phase == "parallel" and plan.refresh
+    assert int(torch.count_nonzero(stage.mu)) == 0 and torch.equal(stage.lam, stage.phi)
+
+
 def test_refresh_leaves_batchnorm_running_statistics_alone():
     p = prepare(load_experiment(None, TINY + ["method=al", "model.split=[conv1,conv2]"]))
     runtime = make_serial_runtime(p)

@@ -141,3 +141,33 @@ def test_pooled_critic_is_cheaper_and_classifies(shape):
     assert a.shape == b.shape == (2, 10)
     cells = shape[1] * shape[2]
     assert cheap < full * 1.1 * min(16, cells) / cells + 1e4 and (cheap < full) == (cells > 16)
+
+
+def test_a_pipelined_critic_steps_on_the_weights_its_forward_saw():
+    """Weight stashing: at depth 2 critic 1 updates on batch 1's feedback between batch 2's forward and batch 2's
+    feedback; batch 2's critic gradient must still be the one at the weights batch 2's forward used. The gradient
+    each critic step applies is compared with one recomputed at the weights saved at forward time."""
+    p, runtime = runtime_for(["method=lct", "model.split=[conv2]", "pipeline_depth=2", "critic.lr=0.1"])
+    stage = runtime.stages[0]
+    assert stage.wire.depth == 2
+    inputs, applied = [], []
+    hook = stage.aux.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach().clone()))
+    step = stage.aux_opt.step
+    stage.aux_opt.step = lambda *a: (applied.append([q.grad.clone() for q in stage.aux.parameters()]), step(*a))[1]
+    batches = [(p.data.train_x[i * 16 : (i + 1) * 16].float(), p.data.train_y[i * 16 : (i + 1) * 16]) for i in (0, 1)]
+    seen = []
+    for x, y in batches:  # two forwards before any feedback
+        seen.append({n: q.detach().clone() for n, q in stage.aux.named_parameters()})
+        stage.train_step(x, y, torch.arange(16))
+    next_losses = [torch.rand(16) * 2 for _ in batches]
+    for losses in next_losses:
+        stage.feedback(losses)
+    assert not torch.equal(seen[1]["0.weight"], dict(stage.aux.named_parameters())["0.weight"])  # it did update
+    hook.remove()
+    for (_, y), h, weights, target, grads in zip(batches, inputs, seen, next_losses, applied, strict=True):
+        w = {n: v.clone().requires_grad_() for n, v in weights.items()}
+        logits = torch.func.functional_call(stage.aux, w, (h,))
+        loss = (torch.nn.functional.cross_entropy(logits, y, reduction="none") - target).abs().mean()
+        expected = torch.autograd.grad(loss, list(w.values()))
+        for got, want in zip(grads, expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -212,3 +212,30 @@ def test_timing_the_blocks_for_a_cut_leaves_batchnorm_statistics_alone():
     assert len(groups) == 2 and any("running_mean" in k for k in fresh)
     for k, v in fresh.items():
         assert torch.equal(v, after[k]), k
+
+
+def test_a_time_balanced_cut_prices_the_critics_time(monkeypatch):
+    """balance=time times the critic a method would attach after each block, not only the blocks: with equal
+    blocks and a critic that is costly after the first three, the cut moves past them (after fc1). Priced without
+    the critics' time it would sit in the middle (after conv2 or conv3). The timer is replaced by a table of
+    costs, so no clock decides."""
+    import lctrun.models.chain as chain
+
+    model = build_model("cnn-small", 10, (1, 28, 28))
+    blocks = [name for name, _ in model.named_blocks()]  # conv1, conv2, conv3, fc1, head
+    expensive = torch.nn.Flatten()  # stands for a costly critic
+    costs = {id(block): 1.0 for _, block in model.named_blocks()}
+
+    def fake_time_step(module, x, repeats=3):
+        with torch.no_grad():
+            y = module(x)
+        return costs.get(id(module), 10.0 if module is expensive else 0.0), y
+
+    monkeypatch.setattr(chain, "time_step", fake_time_step)
+    costly_after = {(32, 14, 14), (64, 7, 7), (128, 3, 3)}  # the outputs of conv1, conv2, conv3
+    aux_for = lambda shape, j: expensive if shape in costly_after else torch.nn.Flatten()  # noqa: E731
+    sample = torch.randn(4, 1, 28, 28)
+    unpriced = group_split_names(split_groups(model, [], 2, "time", sample, None))
+    assert unpriced[0] in ("conv2", "conv3")
+    priced = group_split_names(split_groups(model, [], 2, "time", sample, aux_for))
+    assert priced == ["fc1"] and blocks.index(priced[0]) == 3

@@ -472,3 +472,27 @@ def test_a_killed_run_leaves_a_stale_lock_that_resume_takes_over_to_the_same_res
     assert f"took over the lock of {part} from lctrun process {stale['pid']}" in said and "no longer runs" in said
     assert not (part / LOCK_NAME).exists()
     same_rows(read_rows(tmp_path / "whole" / "metrics.csv"), read_rows(part / "metrics.csv"))
+
+
+def test_a_worker_drops_its_older_checkpoint_only_after_every_worker_wrote_the_new_one(tmp_path):
+    """checkpoints.save: the older checkpoint survives until the barrier (every worker holds the new one), so a run
+    killed while one worker still writes resumes from the last epoch all of them hold."""
+    from lctrun import checkpoints
+
+    class Worker:
+        checkpoint_tag = ".rank1"
+
+        def __init__(self):
+            self.at_barrier = []
+
+        def state_dict(self):
+            return {"stages": []}
+
+        def barrier(self):  # what this worker's directory holds when it reaches the barrier
+            self.at_barrier.append(sorted(p.name for p in tmp_path.glob("ckpt-*")))
+
+    worker = Worker()
+    checkpoints.save(tmp_path, 1, worker, {})
+    checkpoints.save(tmp_path, 2, worker, {})
+    assert worker.at_barrier == [["ckpt-e1.rank1.pt"], ["ckpt-e1.rank1.pt", "ckpt-e2.rank1.pt"]]
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-e2.rank1.pt"]
