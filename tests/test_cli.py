@@ -98,6 +98,9 @@ def test_train_writes_a_run_directory(tmp_path, data_root):
         assert column in rows[0]
     assert float(rows[-1]["test_acc"]) > 30  # chance is 10
     assert (run_dir / "ckpt-e2.pt").exists() and (run_dir / "env.json").exists()
+    # stdout is a pipe here, as in a batch job's log: one plain line per finished epoch, no progress bar
+    epochs = [line for line in out.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"] and "\r" not in out.stdout
 
 
 @pytest.mark.parametrize(

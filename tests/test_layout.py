@@ -72,3 +72,16 @@ def test_lower_layers_never_import_the_loop_or_the_launcher(layer):
     above = {"lctrun.train", "lctrun.launch", "lctrun.cli", "lctrun.compare", "lctrun.reproduce", "lctrun.bench"}
     for name in (n for n in MODULES if n == layer or n.startswith(layer + ".")):
         assert not imports(name, top_level_only=False) & above, name
+
+
+def test_every_test_the_readme_names_exists():
+    """The README backs its promises with test names: each one it names is a test in tests/."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    named = set(re.findall(r"\b(test_[a-z0-9_]+)\b", (root / "README.md").read_text()))
+    defined = {
+        m for path in (root / "tests").glob("test_*.py") for m in re.findall(r"def (test_\w+)", path.read_text())
+    }
+    files = {path.stem for path in (root / "tests").glob("test_*.py")}
+    assert named and named - defined - files == set()

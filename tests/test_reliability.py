@@ -496,3 +496,20 @@ def test_a_worker_drops_its_older_checkpoint_only_after_every_worker_wrote_the_n
     checkpoints.save(tmp_path, 2, worker, {})
     assert worker.at_barrier == [["ckpt-e1.rank1.pt"], ["ckpt-e1.rank1.pt", "ckpt-e2.rank1.pt"]]
     assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == ["ckpt-e2.rank1.pt"]
+
+
+def test_a_second_signal_stops_at_once():
+    """The first Ctrl-C (or SIGTERM) asks for a stop between two steps; a second one stops at once
+    (KeyboardInterrupt), which train turns into the one-line stop that keeps the finished epochs."""
+    import os
+    import signal
+
+    from lctrun.runtime.stop import StopRequest
+
+    with StopRequest((signal.SIGUSR1,)) as stop:
+        assert not stop
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop and stop.signal == signal.SIGUSR1  # asked, the step goes on
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGUSR1)
+    assert signal.getsignal(signal.SIGUSR1) != stop._handle  # the previous handler is back
