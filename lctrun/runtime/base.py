@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 
 from lctrun.precision import autocast
 
@@ -34,6 +35,36 @@ class Runtime(Protocol):
     def gather(self, value) -> list: ...  # every worker's value, on every worker
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+
+
+class OneStagePerProcess:
+    """The Runtime members of a process that holds one stage (`self.stage`) in a process group of `self.world`
+    workers: the distributed runtime (one group per worker) and the data-parallel one (one replica per worker)."""
+
+    @property
+    def lr(self) -> float:
+        return self.stage.lr
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def state_dict(self) -> dict:
+        return {"stages": [self.stage.state_dict()]}  # the plain group's keys: the same as in one process
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage.load_state_dict(state["stages"][0])
+
+    def agree(self, value):
+        """Every worker gets rank 0's value (run directory, resume epoch)."""
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, value) -> list:
+        """Every worker's value, on every worker (e.g. which checkpoints each one holds)."""
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
 
 
 @dataclass

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lctrun.data import TensorLoader
 from lctrun.methods import EpochPlan, Method, Stage
 from lctrun.runtime.accounting import state_account
-from lctrun.runtime.base import EvalOutput, autocast_of, averages, parameters_of, update_norm
+from lctrun.runtime.base import EvalOutput, OneStagePerProcess, autocast_of, averages, parameters_of, update_norm
 from lctrun.runtime.faults import InjectedFault
 from lctrun.runtime.loop import EpochProgress, add_metrics, train_pass
 from lctrun.runtime.memory import PeakMemory
@@ -42,7 +42,7 @@ class ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-class DataParallelRuntime:
+class DataParallelRuntime(OneStagePerProcess):
     def __init__(self, method: Method, stage: Stage):
         self.method, self.stage, self.stages = method, stage, [stage]
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -158,27 +158,3 @@ class DataParallelRuntime:
                 logits.append(self.module(batch.x.to(self.stage.device)).float().cpu())
             labels.append(batch.y.cpu())
         return EvalOutput(torch.cat(labels), [torch.cat(logits)])
-
-    # -- the rest of the runtime interface ------------------------------------------------------
-    @property
-    def lr(self) -> float:
-        return self.stage.lr
-
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def state_dict(self) -> dict:
-        return {"stages": [self.stage.state_dict()]}  # the plain model's keys: the same as one process's
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stage.load_state_dict(state["stages"][0])
-
-    def agree(self, value):
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, value) -> list:
-        values = [None] * self.world
-        dist.all_gather_object(values, value)
-        return values

@@ -39,7 +39,15 @@ from lctrun.methods import EpochPlan, Method, Stage, build_stage
 from lctrun.models.chain import group_split_names
 from lctrun.prepared import group_devices, prepare
 from lctrun.runtime.accounting import state_account
-from lctrun.runtime.base import EvalOutput, autocast_of, averages, parameters_of, stage_prefix, update_norm
+from lctrun.runtime.base import (
+    EvalOutput,
+    OneStagePerProcess,
+    autocast_of,
+    averages,
+    parameters_of,
+    stage_prefix,
+    update_norm,
+)
 from lctrun.runtime.faults import InjectedFault
 from lctrun.runtime.loop import EpochProgress, add_metrics, train_pass
 from lctrun.runtime.memory import PeakMemory
@@ -49,7 +57,7 @@ from lctrun.runtime.transport import BACKWARD, EVAL, FORWARD, Channel
 STOP_CHECK_EVERY = 8
 
 
-class DistributedRuntime:
+class DistributedRuntime(OneStagePerProcess):
     def __init__(self, method: Method, stage: Stage, shapes: list, channels_last: bool = False):
         self.method, self.stage, self.stages = method, stage, [stage]
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -284,32 +292,6 @@ class DistributedRuntime:
         gathered = [None] * self.world if self.is_main else None
         dist.gather_object(mine, gathered, dst=0)
         return EvalOutput(torch.cat(labels), gathered) if self.is_main else None
-
-    # -- the rest of the runtime interface ------------------------------------------------------
-    @property
-    def lr(self) -> float:
-        return self.stage.lr
-
-    def barrier(self) -> None:
-        dist.barrier()
-
-    def state_dict(self) -> dict:
-        return {"stages": [self.stage.state_dict()]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stage.load_state_dict(state["stages"][0])
-
-    def agree(self, value):
-        """Every worker gets rank 0's value (run directory, resume epoch)."""
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, value) -> list:
-        """Every worker's value, on every worker (e.g. which checkpoints each one holds)."""
-        values = [None] * self.world
-        dist.all_gather_object(values, value)
-        return values
 
 
 def num_groups(cfg: Experiment) -> int:
