@@ -155,7 +155,7 @@ class Stage:
         self.opt = make_optimizer(self.group.parameters(), ctx.cfg.optim)
         self.sched = make_scheduler(self.opt, ctx.cfg.optim, ctx.cfg.epochs, ctx.steps_per_epoch)
         # fp16 only: this worker's dynamic loss scale, for every backward it runs (its group's and its auxiliary
-        # net's); a no-op otherwise. Gradients leave and enter a stage unscaled (scale_grad, unscale_grad).
+        # net's); a no-op otherwise. Gradients leave and enter a stage unscaled (scaled, unscaled).
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.precision == "fp16")
         self.pending: deque = deque()  # per-batch state kept until that batch's feedback arrives
         self.steps = 0

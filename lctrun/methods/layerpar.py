@@ -69,8 +69,8 @@ from lctrun.methods.base import EpochPlan, Method, StageContext, StepOut, Wire, 
 from lctrun.methods.bp import BPStage
 from lctrun.methods.filters import BoundaryFilter
 from lctrun.models.batchnorm import freeze_batchnorm
+from lctrun.precision import DTYPES
 
-STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PARALLEL_DEPTH = 4  # batches a worker may run ahead in a parallel phase: enough to overlap, bounded buffers
 
 
@@ -80,7 +80,7 @@ class LayerParallelStage(BPStage):
         lp = ctx.cfg.layerpar
         self.filter = BoundaryFilter(lp.downsample, lp.filter)
         self.multipliers = multipliers
-        self.dtype = STORAGE[lp.storage]
+        self.dtype = DTYPES[lp.storage]
         self.eta = lp.lambda_lr
         self.fit_step = lp.fit_step
         self.in_stored = self.filter.shape(ctx.in_shape)  # lambda_{k-1}, mu_{k-1}, phi_{k-1}: as stored and sent
