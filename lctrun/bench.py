@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
+from lctrun.bench_rows import TORCH_ALONE, BenchRow, bench_rows, layer_serial_row
 from lctrun.config import load_experiment
 from lctrun.data import TensorLoader
 from lctrun.precision import autocast
@@ -132,46 +133,6 @@ def account_mb(w: dict) -> float:
     return sum(w[k] for k in ACCOUNT)
 
 
-def bench_configs(
-    methods: list[str], groups: int, cores: int, schedules=(), microbatches=(), batch: int = 128, depths=(2,)
-) -> list[tuple[str, list[str]]]:
-    """(label, overrides) per row; the row whose label ends in TORCH_ALONE runs TorchPipelineJob, not lctrun."""
-    rows = [
-        ("bp 1 worker, 1 thread", ["method=bp", "model.groups=1", "model.split=[]", "threads_per_worker=1"]),
-        (
-            f"bp 1 worker, {cores} threads",
-            ["method=bp", "model.groups=1", "model.split=[]", f"threads_per_worker={cores}"],
-        ),
-    ]
-    for method in methods:
-        if method == "bp":
-            rows.append((f"bp model-parallel, {groups} workers", ["method=bp"]))
-            replicas = ["model.groups=1", "model.split=[]", "data_parallel=true", f"workers={groups}"]
-            rows.append((f"bp data-parallel, {groups} workers", ["method=bp", *replicas]))
-            for schedule in schedules:
-                for m in microbatches:
-                    if batch % m == 0 and (schedule != "1f1b" or m >= groups):
-                        pipe = [f"pipeline.schedule={schedule}", f"pipeline.microbatches={m}"]
-                        rows.append((f"bp {schedule} M={m}, {groups} workers", ["method=bp", *pipe]))
-            if "gpipe" in schedules and any(batch % m == 0 for m in microbatches):
-                m = max((m for m in microbatches if batch % m == 0), key=lambda m: (m == 4, -abs(m - 4)))
-                pipe = ["pipeline.schedule=gpipe", f"pipeline.microbatches={m}"]
-                rows.append((f"bp gpipe M={m}, {groups} workers, {TORCH_ALONE}", ["method=bp", *pipe]))
-        elif method in ("penalty", "al"):
-            rows.append((f"{method} {groups} workers, parallel phase", [f"method={method}"]))
-        else:
-            for d in depths:
-                rows.append((f"{method} {groups} workers, depth {d}", [f"method={method}", f"pipeline_depth={d}"]))
-    return rows
-
-
-TORCH_ALONE = "torch.distributed.pipelining alone"
-
-
-def method_of(overrides: list[str]) -> str:
-    return next(o.split("=", 1)[1] for o in overrides if o.startswith("method="))
-
-
 def check_bench_input(
     model: str,
     groups: int,
@@ -241,13 +202,43 @@ def bench(
     console = console or Console()
     methods = methods or ["bp", "lct", "dgl"]
     cores = os.cpu_count() or 1
+    check_bench_input(model, groups, steps, warmup, methods, split, shape, repeats, schedules, microbatches, depths)
+    base = bench_base(model, groups, batch, shape, warmup + steps, device, overrides, split)
+    queue = [(row, None) for row in bench_rows(methods, groups, cores, schedules, microbatches, batch, depths)]
+    records, cuts = [], {}  # method -> its cut, measured by its first row on K workers
+    while queue:
+        row, cut = queue.pop(0)
+        cut = (cut or split or cuts.get(row.method)) if row.on_cut else None  # one worker or replicas: no cut
+        console.print(f"[bold]{row.label}[/] ...")
+        result, cfg, chosen = measure_row(row, base, cut, warmup, steps, repeats, console)
+        if row.on_cut and not cut:
+            cuts[row.method] = chosen
+        records.append(record(row.label, result, cfg, cores))
+        serial_cuts = {r["cut"] for r in records if r["config"].startswith("bp model-parallel")}
+        last_of_method = not queue or queue[0][0].method != row.method
+        if "bp" in methods and last_of_method and result["cut"] not in serial_cuts | {"-"}:
+            queue.insert(0, (layer_serial_row(row.method, groups), chosen))  # the layer-serial reference
+    frame = with_ratios(pd.DataFrame(records), cores)
+    cut_text = ", ".join(f"{m} {','.join(c)}" for m, c in cuts.items()) or ",".join(split or []) or "-"
+    setting = dict(model=model, groups=groups, batch=batch, shape=shape, device=device, steps=steps, warmup=warmup)
+    header = bench_header(setting, repeats, depths, cut_text, cfg, overrides, best_bp(frame)["config"])
+    name = "-".join([slug(hardware_tag()), model, f"k{groups}", *(slug(o) for o in overrides or [])])
+    paths = write_table(frame, Path(out_dir) / name, header)
+    show(frame, header, cores, console)
+    console.print(f"written: {', '.join(map(str, paths))}")
+    return frame
+
+
+def bench_base(model, groups, batch, shape, steps, device, overrides, split) -> list[str]:
+    """The overrides every row starts from: fake data for `steps` batches, the distributed runtime, a cut
+    balanced by measured time."""
     base = [
         "name=bench",
         f"model.name={model}",
         "data.name=fake",
         f"data.shape=[{','.join(map(str, shape))}]",
         f"data.batch_size={batch}",
-        f"data.train_size={(warmup + steps) * batch}",
+        f"data.train_size={steps * batch}",
         "data.test_size=1",
         "runtime=distributed",
         f"devices=[{device}]",
@@ -256,80 +247,80 @@ def bench(
         "model.balance=time",
         *(overrides or []),
     ]
-    if split:
-        base.append(f"model.split=[{','.join(split)}]")
-    check_bench_input(model, groups, steps, warmup, methods, split, shape, repeats, schedules, microbatches, depths)
-    rows, cuts = [], {}  # method -> its cut, measured by its first row on K workers
-    # (label, overrides, the row's own cut or None)
-    configs = [(*row, None) for row in bench_configs(methods, groups, cores, schedules, microbatches, batch, depths)]
+    return base + ([f"model.split=[{','.join(split)}]"] if split else [])
 
-    def config_of(extra: list[str], cut: list[str] | None):
-        return load_experiment(None, base + extra + ([f"model.split=[{','.join(cut)}]"] if cut else []))
 
-    while configs:
-        label, extra, cut = configs.pop(0)
-        on_k, method = "model.groups=1" not in extra, method_of(extra)
-        cut = (cut or split or cuts.get(method)) if on_k else None  # one worker: no cut
-        cfg = config_of(extra, cut)
-        job = BenchJob(warmup, steps)
-        if label.endswith(TORCH_ALONE):
-            job = TorchPipelineJob(warmup, steps, cfg.pipeline.microbatches)
-        console.print(f"[bold]{label}[/] ...")
-        results = []
-        for _ in range(repeats):
-            results.append(spawn_workers(cfg, job, console=console))
-            if on_k and not cut:  # the first repeat chooses the method's cut (timed); the others run on it
-                cut = cuts[method] = results[0]["cut"].split(",")
-                cfg = config_of(extra, cut)
-        median, spread = median_and_spread([r["samples"] / r["seconds"] for r in results])
-        result = min(results, key=lambda r: abs(r["samples"] / r["seconds"] - median))  # a repeat at the median
-        workers = result["workers"]
-        critical = critical_path_s(workers)
-        rows.append(
-            {
-                "config": label,
-                "cut": result["cut"],
-                "workers": len(workers),
-                "threads_per_worker": cfg.threads_per_worker or cores // len(workers),
-                "samples_per_s": median,
-                "spread": spread,
-                "noisy": "noisy" if spread > NOISY else "",
-                "ideal_samples_per_s": result["samples"] / critical,
-                "of_ideal": median * critical / result["samples"],
-                "peak_mem_mb_per_worker": "/".join(f"{w['peak_mem_mb']:.0f}" for w in workers),
-                "max_peak_mem_mb": max(w["peak_mem_mb"] for w in workers),
-                # analytic, allocator-independent: saved activations + parameters + gradients + optimiser state
-                # + auxiliary variables (penalty / al, for the bench's few samples only)
-                "account_mb_per_worker": "/".join(f"{account_mb(w):.0f}" for w in workers),
-                "bytes_per_sample": sum(w["bytes_sent"] for w in workers) / result["samples"],
-                "compute_s_per_worker": "/".join(f"{w['compute_s']:.2f}" for w in workers),
-                "wait_s_per_worker": "/".join(f"{w['wait_s']:.2f}" for w in workers),
-            }
-        )
-        serial_cuts = {r["cut"] for r in rows if r["config"].startswith("bp model-parallel")}
-        last_of_method = not configs or method_of(configs[0][1]) != method
-        if "bp" in methods and last_of_method and result["cut"] not in serial_cuts | {"-"}:
-            # a local method on a cut of its own: model-parallel bp there too, the layer-serial reference
-            label = f"bp model-parallel, {groups} workers, {method}'s cut"
-            configs.insert(0, (label, ["method=bp"], result["cut"].split(",")))
-    frame = pd.DataFrame(rows)
+def measure_row(row: BenchRow, base: list[str], cut, warmup: int, steps: int, repeats: int, console):
+    """(the repeat at the median speed with "speeds" and "spread" added, its config, the cut it ran on). Without
+    a cut, the first repeat chooses the method's (timed) and the others run on it."""
+
+    def config_of(cut: list[str] | None):
+        return load_experiment(None, base + list(row.overrides) + ([f"model.split=[{','.join(cut)}]"] if cut else []))
+
+    cfg = config_of(cut)
+    job = TorchPipelineJob(warmup, steps, cfg.pipeline.microbatches) if row.placement == "torch alone" else None
+    results = []
+    for _ in range(repeats):
+        results.append(spawn_workers(cfg, job or BenchJob(warmup, steps), console=console))
+        if row.on_cut and not cut:
+            cut = results[0]["cut"].split(",")
+            cfg = config_of(cut)
+    median, spread = median_and_spread([r["samples"] / r["seconds"] for r in results])
+    result = min(results, key=lambda r: abs(r["samples"] / r["seconds"] - median))  # a repeat at the median
+    return {**result, "median": median, "spread": spread}, cfg, cut
+
+
+def record(label: str, result: dict, cfg, cores: int) -> dict:
+    """One row of the table, from a measured repeat."""
+    workers, median = result["workers"], result["median"]
+    critical = critical_path_s(workers)
+    return {
+        "config": label,
+        "cut": result["cut"],
+        "workers": len(workers),
+        "threads_per_worker": cfg.threads_per_worker or cores // len(workers),
+        "samples_per_s": median,
+        "spread": result["spread"],
+        "noisy": "noisy" if result["spread"] > NOISY else "",
+        "ideal_samples_per_s": result["samples"] / critical,
+        "of_ideal": median * critical / result["samples"],
+        "peak_mem_mb_per_worker": "/".join(f"{w['peak_mem_mb']:.0f}" for w in workers),
+        "max_peak_mem_mb": max(w["peak_mem_mb"] for w in workers),
+        # analytic, allocator-independent: saved activations + parameters + gradients + optimiser state
+        # + auxiliary variables (penalty / al, for the bench's few samples only)
+        "account_mb_per_worker": "/".join(f"{account_mb(w):.0f}" for w in workers),
+        "bytes_per_sample": sum(w["bytes_sent"] for w in workers) / result["samples"],
+        "compute_s_per_worker": "/".join(f"{w['compute_s']:.2f}" for w in workers),
+        "wait_s_per_worker": "/".join(f"{w['wait_s']:.2f}" for w in workers),
+    }
+
+
+def with_ratios(frame: pd.DataFrame, cores: int) -> pd.DataFrame:
+    """Every row against the best bp, model-parallel bp on its cut, and bp on one worker (1 thread, all)."""
     bp1, bpall = frame["samples_per_s"].iloc[0], frame["samples_per_s"].iloc[1]
-    best = frame[frame["config"].str.startswith("bp ")].sort_values("samples_per_s").iloc[-1]
+    best = frame[frame["config"].str.startswith("bp ")]["samples_per_s"].max()
     layer_serial = frame[frame["config"].str.startswith("bp model-parallel")].set_index("cut")["samples_per_s"]
-    frame.insert(4, "speedup_vs_best_bp", frame["samples_per_s"] / best["samples_per_s"])
+    frame.insert(4, "speedup_vs_best_bp", frame["samples_per_s"] / best)
     frame.insert(5, "speedup_vs_mp_bp_same_cut", frame["samples_per_s"] / frame["cut"].map(layer_serial))
     frame.insert(6, "speedup_vs_bp_1t", frame["samples_per_s"] / bp1)
     frame.insert(7, f"speedup_vs_bp_{cores}t", frame["samples_per_s"] / bpall)
     frame.insert(11, "ideal_speedup_vs_bp_1t", frame["ideal_samples_per_s"] / bp1)
     frame["mem_vs_bp_1t"] = frame["max_peak_mem_mb"] / frame["max_peak_mem_mb"].iloc[0]
-    frame = frame.round(3)
-    tag = hardware_tag()
-    cut_text = ", ".join(f"{m} {','.join(c)}" for m, c in cuts.items()) or ",".join(split or []) or "-"
-    header = (
+    return frame.round(3)
+
+
+def best_bp(frame: pd.DataFrame) -> pd.Series:
+    return frame[frame["config"].str.startswith("bp ")].sort_values("samples_per_s").iloc[-1]
+
+
+def bench_header(setting: dict, repeats, depths, cut_text: str, cfg, overrides, best: str) -> str:
+    model, groups, batch, shape = setting["model"], setting["groups"], setting["batch"], setting["shape"]
+    device, steps, warmup = setting["device"], setting["steps"], setting["warmup"]
+    return (
         f"# lctrun bench: {model}, K={groups}, batch {batch}, input {'x'.join(map(str, shape))} (fake data)\n\n"
-        f"hardware: {tag}; device: {device}; {steps} timed steps after {warmup} warm-up, median of {repeats} "
-        f"repeats in fresh processes (spread = (max - min) / median; 'noisy' above {NOISY:.0%}: do not trust "
-        f"its ratios); cuts: {cut_text}; local methods at "
+        f"hardware: {hardware_tag()}; device: {device}; {steps} timed steps after {warmup} warm-up, median of "
+        f"{repeats} repeats in fresh processes (spread = (max - min) / median; 'noisy' above {NOISY:.0%}: do not "
+        f"trust its ratios); cuts: {cut_text}; local methods at "
         f"pipeline_depth {', '.join(map(str, depths))} (depth 1: no batch in flight, overlap within a step only); "
         f"commit {git_commit()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', 'unset')}; "
         f"{time.strftime('%Y-%m-%d')}. Peak memory: per worker, above its own baseline after start-up. "
@@ -338,47 +329,35 @@ def bench(
         f"Precision: {cfg.precision} (autocast; parameters and optimiser state fp32), memory format: "
         f"{cfg.memory_format}. Critic: {cfg.critic.convs[0]} x conv3x3({cfg.critic.channels}) + linear; "
         f"extra overrides: {' '.join(overrides or []) or 'none'}. "
-        f"Best bp (speedup_vs_best_bp = 1): {best['config']}. Pipelined bp: pipeline.schedule over M micro-batches "
+        f"Best bp (speedup_vs_best_bp = 1): {best}. Pipelined bp: pipeline.schedule over M micro-batches "
         f"(torch.distributed.pipelining); the row '{TORCH_ALONE}' drives that library without lctrun (its compute, "
         f"wait and memory are not measured)."
     )
-    name = "-".join([slug(tag), model, f"k{groups}", *(slug(o) for o in overrides or [])])
-    paths = write_table(frame, Path(out_dir) / name, header)
-    shown = frame[
-        [
-            "config",
-            "samples_per_s",
-            "noisy",
-            "speedup_vs_best_bp",
-            "speedup_vs_mp_bp_same_cut",
-            "speedup_vs_bp_1t",
-            f"speedup_vs_bp_{cores}t",
-            "ideal_speedup_vs_bp_1t",
-            "of_ideal",
-            "peak_mem_mb_per_worker",
-            "mem_vs_bp_1t",
-            "bytes_per_sample",
-        ]
-    ]
-    shown.columns = [
-        "config",
-        "samples/s",
-        "noisy",
-        "x best bp",
-        "x mp bp, cut",
-        "x bp 1t",
-        f"x bp {cores}t",
-        "ideal x bp 1t",
-        "of ideal",
-        "peak MB/worker",
-        "mem/bp",
-        "B/sample",
-    ]
+
+
+SHOWN = {
+    "config": "config",
+    "samples_per_s": "samples/s",
+    "noisy": "noisy",
+    "speedup_vs_best_bp": "x best bp",
+    "speedup_vs_mp_bp_same_cut": "x mp bp, cut",
+    "speedup_vs_bp_1t": "x bp 1t",
+    "speedup_vs_bp_{cores}t": "x bp {cores}t",
+    "ideal_speedup_vs_bp_1t": "ideal x bp 1t",
+    "of_ideal": "of ideal",
+    "peak_mem_mb_per_worker": "peak MB/worker",
+    "mem_vs_bp_1t": "mem/bp",
+    "bytes_per_sample": "B/sample",
+}
+
+
+def show(frame: pd.DataFrame, header: str, cores: int, console: Console) -> None:
+    columns = {k.format(cores=cores): v.format(cores=cores) for k, v in SHOWN.items()}
+    shown = frame[list(columns)].rename(columns=columns)
+    best = best_bp(frame)
     console.print(rich_table(shown, title=header.splitlines()[0][2:]))
     console.print(f"x best bp: against {best['config']} ({best['samples_per_s']:.0f} samples/s), the fastest bp here")
     console.print(
         "ideal = samples / max per-worker compute time (the critical path with perfect overlap); "
         "of ideal = measured / ideal"
     )
-    console.print(f"written: {', '.join(map(str, paths))}")
-    return frame

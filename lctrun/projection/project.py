@@ -1,6 +1,6 @@
 """`lctrun project MODEL --groups 2,4,8`: what K devices like this one would reach, from one device's profile.
 
-The rows are the bench's (bench.bench_configs: the one table of which configurations exist and how each is
+The rows are the bench's (bench_rows.py: the one table of which configurations exist and how each is
 configured); each row's config says which schedule it runs. Each method takes the cut it would choose
 (bench's model.balance=time: blocks and the auxiliary net after the cut, priced by the measured forward and
 backward, balanced by models.chain.balanced_cuts), and every schedule is played as a timeline of events per
@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from rich.console import Console
 
-from lctrun.bench import TORCH_ALONE, bench_configs, method_of
+from lctrun.bench_rows import bench_rows, layer_serial_row
 from lctrun.config import Experiment, load_experiment
 from lctrun.models import build_model
 from lctrun.models.chain import balanced_cuts
@@ -164,34 +164,26 @@ def memory_mb(plan: Plan, prof: Profile, samples: int) -> list[float]:
     return out
 
 
-def plans(groups: int, cores: int, methods, schedules, microbatches, batch, depths, base, prof: Profile) -> list[Plan]:
-    """The bench's rows for K = groups, one device for the one-worker rows, each method on its own cut, and
+def plans(groups: int, threads: int, methods, schedules, microbatches, batch, depths, base, prof) -> list[Plan]:
+    """The bench's rows (bench_rows) for K = groups that a projection has: one device (the profiled one, at
+    `threads` threads), the replicas, and every chain, each method on the cut it would choose, with
     model-parallel bp on every local method's cut that differs from bp's (as the bench adds it)."""
-    out, cuts, seen_one = [], {}, False
-    for label, extra in bench_configs(methods, groups, cores, schedules, microbatches, batch, depths):
-        cfg = row_config(base, extra)
-        if "model.groups=1" in extra and not cfg.data_parallel:
-            if seen_one:
-                continue  # the bench's one-worker rows differ by threads; one device is the profiled one
-            seen_one, label = True, "bp 1 device"
-            out.append(Plan(label, cfg, 1, []))
+    out, cuts = [], {}
+    cores = os.cpu_count() or 1
+    for row in bench_rows(methods, groups, cores, schedules, microbatches, batch, depths):
+        label = row.projected_label(threads)
+        if label is None:
             continue
-        if cfg.data_parallel:
-            out.append(Plan(label.replace("workers", "devices"), cfg, groups, []))
+        cfg = row_config(base, list(row.overrides))
+        if not row.on_cut:
+            out.append(Plan(label, cfg, 1 if row.placement == "one worker" else groups, []))
             continue
-        method = method_of(extra)
-        cut = cuts.setdefault(method, choose_cut(prof, batch, groups, method))
-        label = label.replace("workers", "devices").replace(f", {TORCH_ALONE}", "")
-        if any(p.label == label for p in out):
-            continue  # the bench's torch-alone check is the same schedule as lctrun's row
+        cut = cuts.setdefault(row.method, choose_cut(prof, batch, groups, row.method))
         out.append(Plan(label, cfg, groups, cut))
-    bp_cut = cuts.get("bp")
     for method, cut in cuts.items():
-        if method != "bp" and "bp" in methods and cut != bp_cut:
-            extra = ["method=bp"]
-            out.append(
-                Plan(f"bp model-parallel, {groups} devices, {method}'s cut", row_config(base, extra), groups, cut)
-            )
+        if method != "bp" and "bp" in methods and cut != cuts.get("bp"):
+            row = layer_serial_row(method, groups)
+            out.append(Plan(row.projected_label(threads), row_config(base, list(row.overrides)), groups, cut))
     return out
 
 
@@ -216,7 +208,6 @@ def project(
 ) -> pd.DataFrame:
     console = console or Console()
     methods = methods or ["bp", "lct", "dgl", "dni"]
-    cores = os.cpu_count() or 1
     base = [
         f"model.name={model}",
         "data.name=fake",
@@ -229,6 +220,7 @@ def project(
     link_list = [link_named(name) for name in links]  # the measured one first: before the profile loads the CPU
     if threads:
         torch.set_num_threads(threads)
+    threads = torch.get_num_threads()
     torch.manual_seed(0)
     net = build_model(model, cfg0.data.num_classes, tuple(shape)).to(device)
     sample = torch.randn(batch, *shape, device=device)
@@ -240,7 +232,7 @@ def project(
     rows = []
     for link in link_list:
         for k in groups:
-            row_plans = plans(k, cores, methods, schedules, microbatches, batch, depths, base, prof)
+            row_plans = plans(k, threads, methods, schedules, microbatches, batch, depths, base, prof)
             for plan in row_plans:
                 seconds = seconds_per_batch(plan, prof, link)
                 mem = memory_mb(plan, prof, samples)
@@ -264,7 +256,9 @@ def project(
         frame["projected_samples_per_s"] / [best[key] for key in zip(frame["link"], frame["K"], strict=True)],
     )
     if measure:
-        frame = with_measured(frame, model, groups, batch, shape, methods, depths, schedules, microbatches, overrides)
+        frame = with_measured(
+            frame, model, groups, batch, shape, methods, depths, schedules, microbatches, overrides, threads
+        )
     frame = frame.round(3)
     title = (
         f"PROJECTION of K devices like this one ({device}, {torch.get_num_threads()} threads each): {model}, "
@@ -295,11 +289,13 @@ def project(
     return frame
 
 
-def with_measured(frame, model, groups, batch, shape, methods, depths, schedules, microbatches, overrides):
+def with_measured(frame, model, groups, batch, shape, methods, depths, schedules, microbatches, overrides, threads):
     """The projection check: `lctrun bench` on this machine (K workers sharing its cores) for each K, its
-    samples/s beside the projection's, matched by configuration, and projected / measured."""
+    samples/s beside the projection's, matched by row (bench_rows: the same row, its label in each), and
+    projected / measured."""
     from lctrun.bench import bench
 
+    cores = os.cpu_count() or 1
     measured = []
     for k in groups:
         table = bench(
@@ -314,11 +310,11 @@ def with_measured(frame, model, groups, batch, shape, methods, depths, schedules
             microbatches=microbatches,
             overrides=overrides,
         )
-        table["config"] = [
-            "bp 1 device" if c == "bp 1 worker, 1 thread" else c.replace("workers", "devices") for c in table["config"]
-        ]
-        table["config"] = table["config"].str.replace(f", {TORCH_ALONE}", f" ({TORCH_ALONE})", regex=False)
-        measured.append(table.assign(K=k)[["K", "config", "cut", "samples_per_s"]])
+        rows = bench_rows(methods, k, cores, schedules, microbatches, batch, depths)
+        rows += [layer_serial_row(m, k) for m in methods]
+        names = {row.label: row.projected_label(threads) for row in rows}
+        table["config"] = table["config"].map(names)
+        measured.append(table.dropna(subset=["config"]).assign(K=k)[["K", "config", "cut", "samples_per_s"]])
     both = frame.merge(pd.concat(measured), on=["K", "config"], how="left", suffixes=("", "_measured"))
     both = both.rename(columns={"samples_per_s": "measured_samples_per_s"})
     both["ratio"] = both["projected_samples_per_s"] / both["measured_samples_per_s"]
