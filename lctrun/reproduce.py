@@ -19,6 +19,7 @@ checkout links there):
     seeds: {scale: N}        this table's seeds at a scale, over the (shared) scale's own
     claims: - claim, check   the paper's qualitative claims, checked on our values and on the published ones
                              (see claims.py); a scale's `seeds: N` runs every run N times (mean ± std)
+    no_claims                or, for a table without claims: why (printed in table.md and on the console)
     runs: - label, overrides, rows (final | submodels | ensembles | progressive), published, notes
 
 Each run's config is experiment + scale overrides + run overrides. Runs are cached in
@@ -59,7 +60,7 @@ TABLES_DIR = Path(__file__).resolve().parent / "experiments" / "tables"  # packa
 SCALES = ("smoke", "small", "paper")
 ROW_KINDS = ("final", "submodels", "ensembles", "progressive")
 TABLE_KEYS = {"title", "source", "published_setting", "experiment", "scales", "scales_from", "columns", "reference"}
-TABLE_KEYS |= {"runs", "notes", "layer_serial", "claims", "gap_to", "seeds", "best_bp"}
+TABLE_KEYS |= {"runs", "notes", "layer_serial", "claims", "gap_to", "seeds", "best_bp", "no_claims"}
 SCALE_KEYS = {"note", "overrides", "seeds"}
 RUN_KEYS = {"label", "overrides", "rows", "published", "notes", "scale_overrides"}
 
@@ -91,6 +92,7 @@ class Table:
     gap_to: str | None = None
     own_seeds: dict[str, int] = field(default_factory=dict)  # `seeds: {small: 1}`: this table's, over its scale's
     best_bp: list[str] = field(default_factory=list)
+    no_claims: str = ""  # why a table without claims has none
 
     def seeds(self, scale: str) -> int:
         return int(self.own_seeds.get(scale, self.scales[scale].get("seeds", 1)))
@@ -154,6 +156,11 @@ def load_table(name: str) -> Table:
         if label not in labels:
             raise ConfigError(f"{path}: best_bp '{label}' is not a run label ({', '.join(labels)})")
     reference = data.get("reference")
+    no_claims = data.get("no_claims") or ""
+    if not data.get("claims") and not (isinstance(no_claims, str) and no_claims.strip()):
+        raise ConfigError(f"{path}: a table without claims says why in no_claims (a sentence)")
+    if data.get("claims") and no_claims:
+        raise ConfigError(f"{path}: a table with claims has no no_claims")
     return Table(
         name=name,
         title=data["title"],
@@ -170,6 +177,7 @@ def load_table(name: str) -> Table:
         gap_to=data.get("gap_to"),
         own_seeds=dict(data.get("seeds") or {}),
         best_bp=list(data.get("best_bp") or []),
+        no_claims=no_claims.strip(),
     )
 
 
@@ -380,12 +388,15 @@ def convergence_lines(table: Table, moves: dict[str, float]) -> list[str]:
     return lines
 
 
-def write_claims(claims: pd.DataFrame, target: Path) -> list[Path]:
-    """claims.csv, and the claims appended to table.md."""
+def write_claims(claims: pd.DataFrame | None, target: Path, no_claims: str = "") -> list[Path]:
+    """claims.csv, and the claims appended to table.md; without claims, the reason appended instead."""
     from lctrun.reporting.tables import to_markdown
 
-    claims.to_csv(target / "claims.csv", index=False)
     md = target / "table.md"
+    if claims is None:
+        md.write_text(md.read_text() + f"\n## The paper's claims, checked\n\nNo claims are checked: {no_claims}\n")
+        return []
+    claims.to_csv(target / "claims.csv", index=False)
     md.write_text(md.read_text() + "\n## The paper's claims, checked\n\n" + to_markdown(claims) + "\n")
     return [target / "claims.csv"]
 
@@ -511,8 +522,7 @@ def reproduce(
     text = header(table, scale, list(configs.values()), list(dict.fromkeys(commits)), seeds, overrides)
     text += "\n" + "\n".join(convergence_lines(table, moves))
     written = write_table(frame, target / "table", text, shown=with_spread(frame))
-    if claims is not None:
-        written += write_claims(claims, target)
+    written += write_claims(claims, target, table.no_claims)
     written += plots(table, frame, rows, configs, target)
     console.print(rich_table(with_spread(frame), title=f"{table.title} [{scale} scale]"))
     for claim in [] if claims is None else claims.to_dict("records"):  # one line each: readable in 80 columns
@@ -523,5 +533,7 @@ def reproduce(
             f"ours: {claim['our values']})",
             highlight=False,
         )
+    if claims is None:
+        console.print(f"no claims checked: {table.no_claims}", highlight=False)
     console.print(f"outputs: {target} ({', '.join(p.name for p in written)})")
     return frame

@@ -88,7 +88,7 @@ def test_a_table_file_with_a_bad_claim_or_seed_count_is_refused(tmp_path, monkey
     with pytest.raises(ConfigError, match="scales.small.seeds must be an integer >= 1"):
         reproduce.load_table("bad-seeds")
     scales["small"]["seeds"] = 3
-    (tmp_path / "own-seeds.yaml").write_text(base + f"scales: {scales}\nseeds: {{small: 1}}\n")
+    (tmp_path / "own-seeds.yaml").write_text(base + f"scales: {scales}\nseeds: {{small: 1}}\nno_claims: none stated\n")
     table = reproduce.load_table("own-seeds")
     assert table.seeds("small") == 1 and table.seeds("smoke") == 1 and table.scales["small"]["seeds"] == 3
 

@@ -224,3 +224,30 @@ def test_every_row_says_whether_its_run_converged_and_claims_on_moving_runs_are_
     text = console.export_text()
     assert "provisional (would hold; LC moved 1.00) LC above bp's sub1" in text
     assert "holds bp's sub1 below 85" in text
+
+
+def test_a_table_without_claims_says_why_in_table_md_and_on_the_console(tmp_path, monkeypatch):
+    import lctrun.reproduce as reproduce_module
+    from lctrun.reproduce import Console
+
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    monkeypatch.setattr(reproduce_module, "TABLES_DIR", tables)
+    monkeypatch.setattr(reproduce_module, "run_cached", fake_run(tmp_path))
+    runs = "runs:\n  - {label: bp, overrides: [method=bp]}\n"
+    write_table_file(tables, "silent", runs)
+    with pytest.raises(ConfigError, match="a table without claims says why in no_claims"):
+        load_table("silent")
+    write_table_file(tables, "quiet", "no_claims: the paper's values are not available offline\n" + runs)
+    console = Console(record=True, width=200)
+    reproduce("quiet", "smoke", tmp_path / "out", console)
+    md = (tmp_path / "out" / "quiet-smoke" / "table.md").read_text()
+    assert "No claims are checked: the paper's values are not available offline" in md
+    assert not (tmp_path / "out" / "quiet-smoke" / "claims.csv").exists()
+    assert "no claims checked: the paper's values are not available offline" in console.export_text()
+
+
+@pytest.mark.parametrize("name", table_names())
+def test_every_shipped_table_has_claims_or_says_why_not(name):
+    table = load_table(name)
+    assert bool(table.claims) != bool(table.no_claims)
