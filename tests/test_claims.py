@@ -173,3 +173,13 @@ def test_a_claim_on_a_run_that_has_not_converged_is_provisional():
     # every run converged: plain verdicts
     claims = evaluate_claims(t, rows, published_value, {"bp": 0.29, "LC(1)": 0.0, "LC(3)": 0.1})
     assert list(claims["ours"]) == ["fails", "holds", "holds"] and set(claims["provisional_rows"]) == {""}
+
+
+def test_a_check_with_an_item_keeps_its_cell_in_the_markdown_table():
+    import pandas as pd
+
+    from lctrun.reporting.tables import to_markdown
+
+    lines = to_markdown(pd.DataFrame([{"check": "{LC(3)|sub1} > {bp|sub1}", "ours": "holds"}])).splitlines()
+    assert lines[2] == "| {LC(3)\\|sub1} > {bp\\|sub1} | holds |"
+    assert all(line.replace("\\|", "").count("|") == 3 for line in lines)  # two cells on every line
