@@ -19,6 +19,7 @@ checkout links there):
     seeds: {scale: N}        this table's seeds at a scale, over the (shared) scale's own
     claims: - claim, check   the paper's qualitative claims, checked on our values and on the published ones
                              (see claims.py); a scale's `seeds: N` runs every run N times (mean ± std)
+    no_claims                or, for a table without claims: why (printed in table.md and on the console)
     runs: - label, overrides, rows (final | submodels | ensembles | progressive), published, notes
 
 Each run's config is experiment + scale overrides + run overrides. Runs are cached in
@@ -28,6 +29,11 @@ The code version hashes the package minus the modules that only present results 
 committing results/ or editing a table's rendering reuses every run. done.json records the commit that made it.
 Outputs: <out>/<table>-<scale>/table.csv, table.md, and PNG plots, with a header naming the scale,
 datasets, hardware and the commits of the runs.
+
+Convergence (docs/methods.md section 10): every row gets `last3_move`, the movement over the last 3 epochs of
+its run's test accuracy averaged over the seeds epoch by epoch (sub-model, ensemble and threshold rows take
+their run's main-model curve), and `converged` (yes: under 0.3 points; no; not measured: fewer than 3
+epochs). The header states the rule; a claim that uses a run that has not converged is provisional.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from rich.console import Console
 from lctrun.config import Experiment, load_experiment, to_dict
 from lctrun.errors import ConfigError
 from lctrun.reporting import rundir
-from lctrun.reporting.claims import check_claim_spec, evaluate_claims
+from lctrun.reporting.claims import CONVERGED_BELOW, check_claim_spec, converged, evaluate_claims, last3_move
 from lctrun.reporting.plots import Curve, bar_plot, line_plot
 from lctrun.reporting.tables import rich_table, slug, with_spread, write_table
 
@@ -54,7 +60,7 @@ TABLES_DIR = Path(__file__).resolve().parent / "experiments" / "tables"  # packa
 SCALES = ("smoke", "small", "paper")
 ROW_KINDS = ("final", "submodels", "ensembles", "progressive")
 TABLE_KEYS = {"title", "source", "published_setting", "experiment", "scales", "scales_from", "columns", "reference"}
-TABLE_KEYS |= {"runs", "notes", "layer_serial", "claims", "gap_to", "seeds", "best_bp"}
+TABLE_KEYS |= {"runs", "notes", "layer_serial", "claims", "gap_to", "seeds", "best_bp", "no_claims"}
 SCALE_KEYS = {"note", "overrides", "seeds"}
 RUN_KEYS = {"label", "overrides", "rows", "published", "notes", "scale_overrides"}
 
@@ -86,6 +92,7 @@ class Table:
     gap_to: str | None = None
     own_seeds: dict[str, int] = field(default_factory=dict)  # `seeds: {small: 1}`: this table's, over its scale's
     best_bp: list[str] = field(default_factory=list)
+    no_claims: str = ""  # why a table without claims has none
 
     def seeds(self, scale: str) -> int:
         return int(self.own_seeds.get(scale, self.scales[scale].get("seeds", 1)))
@@ -149,6 +156,11 @@ def load_table(name: str) -> Table:
         if label not in labels:
             raise ConfigError(f"{path}: best_bp '{label}' is not a run label ({', '.join(labels)})")
     reference = data.get("reference")
+    no_claims = data.get("no_claims") or ""
+    if not data.get("claims") and not (isinstance(no_claims, str) and no_claims.strip()):
+        raise ConfigError(f"{path}: a table without claims says why in no_claims (a sentence)")
+    if data.get("claims") and no_claims:
+        raise ConfigError(f"{path}: a table with claims has no no_claims")
     return Table(
         name=name,
         title=data["title"],
@@ -165,6 +177,7 @@ def load_table(name: str) -> Table:
         gap_to=data.get("gap_to"),
         own_seeds=dict(data.get("seeds") or {}),
         best_bp=list(data.get("best_bp") or []),
+        no_claims=no_claims.strip(),
     )
 
 
@@ -213,8 +226,8 @@ def measure(run_dir: Path) -> dict:
     final = rows[-1]
     out = {k: v for k, v in final.items() if k.endswith("test_acc")}
     out["best_test_acc"] = max(r["test_acc"] for r in rows if "test_acc" in r)
-    last = [r["test_acc"] for r in rows[-3:] if "test_acc" in r]
-    out["last3_change"] = max(last) - min(last) if len(rows) >= 3 else math.nan  # converged: < 0.3 points
+    # the main model's test accuracy per evaluated epoch; over seeds, it gives the run's last3_move (claims.py)
+    out["test_acc_curve"] = {r["epoch"]: r["test_acc"] for r in rows if isinstance(r.get("test_acc"), (int, float))}
     out["epochs"] = len(rows)
     out["train_s"] = sum(r["seconds"] for r in rows)
     out["s_per_epoch"] = out["train_s"] / len(rows)
@@ -322,6 +335,8 @@ def assemble(table: Table, rows: list[dict]) -> pd.DataFrame:
                 ours = line[col]
                 numeric = isinstance(paper, (int, float)) and isinstance(ours, (int, float))
                 line[f"{col} gap"] = ours - paper if numeric and not math.isnan(ours) else ""
+        line["last3_move"] = row.get("last3_move", math.nan)  # the run's main-model curve, mean over seeds
+        line["converged"] = row.get("converged", "not measured")
         out.append(line)
     frame = pd.DataFrame(out)
     if (frame["item"] == "").all():
@@ -347,28 +362,41 @@ def _items(run: TableRun) -> list[str]:
     return list(run.published) if run.rows != "final" else [""]
 
 
-def convergence_line(changes: dict[str, float], reference: str | None) -> str:
-    """Whether the runs had converged: test accuracy moving by under 0.3 points over the last 3 epochs."""
-    if all(math.isnan(v) for v in changes.values()):
-        return "- convergence: not measured (fewer than 3 epochs)"
-    moving = {k: v for k, v in changes.items() if v >= 0.3}
-    line = "- convergence (test accuracy over the last 3 epochs, max - min, mean over seeds): "
-    if reference in changes:
-        v = changes[reference]
-        line += f"{reference} moved {v:.2f} points, " + (
-            "converged (< 0.3); " if v < 0.3 else f"NOT converged (by {v - 0.3:.2f}); "
-        )
+def convergence_lines(table: Table, moves: dict[str, float]) -> list[str]:
+    """The header's convergence rule, and which runs met it (moves: each run label's last3_move)."""
+    per_run = " (sub-model, ensemble and threshold rows take their run's main-model curve)"
+    lines = [
+        f"- convergence rule (docs/methods.md section 10): a row has converged when its run's test accuracy, averaged "
+        f"over the seeds epoch by epoch, moves by less than {CONVERGED_BELOW} points (max - min) over the run's "
+        f"last 3 epochs{per_run if any(r.rows != 'final' for r in table.runs) else ''}. Columns last3_move (that "
+        "movement) and converged (yes, no, or not measured: fewer than 3 epochs, or a seed without a test accuracy "
+        "in one of them). A claim that uses a run that "
+        "has not converged is provisional: ours gives the verdict it would have and the runs still moving",
+    ]
+    status = {label: converged(m) for label, m in moves.items()}
+    done = [k for k, v in status.items() if v == "yes"]
+    moving = {k: moves[k] for k, v in status.items() if v == "no"}
+    unmeasured = [k for k, v in status.items() if v == "not measured"]
+    parts = [f"{len(done)} of {len(moves)} runs converged"]
     if moving:
-        return line + "still moving by 0.3 or more: " + ", ".join(f"{k} {v:.2f}" for k, v in moving.items())
-    return line + f"every run under 0.3 (largest {max(changes.values()):.2f})"
+        parts.append("still moving: " + ", ".join(f"{k} {v:.2f}" for k, v in moving.items()))
+    if unmeasured:
+        parts.append("not measured: " + ", ".join(unmeasured))
+    if done and not moving and not unmeasured:
+        parts.append(f"largest movement {max(moves.values()):.2f}")
+    lines.append("- convergence here: " + "; ".join(parts))
+    return lines
 
 
-def write_claims(claims: pd.DataFrame, target: Path) -> list[Path]:
-    """claims.csv, and the claims appended to table.md."""
+def write_claims(claims: pd.DataFrame | None, target: Path, no_claims: str = "") -> list[Path]:
+    """claims.csv, and the claims appended to table.md; without claims, the reason appended instead."""
     from lctrun.reporting.tables import to_markdown
 
-    claims.to_csv(target / "claims.csv", index=False)
     md = target / "table.md"
+    if claims is None:
+        md.write_text(md.read_text() + f"\n## The paper's claims, checked\n\nNo claims are checked: {no_claims}\n")
+        return []
+    claims.to_csv(target / "claims.csv", index=False)
     md.write_text(md.read_text() + "\n## The paper's claims, checked\n\n" + to_markdown(claims) + "\n")
     return [target / "claims.csv"]
 
@@ -470,7 +498,7 @@ def reproduce(
     code = rundir.code_version()
     configs = {run.label: table.config(run, scale, overrides) for run in table.runs}
     seeds = table.seeds(scale)
-    rows, commits, changes = [], [], {}
+    rows, commits, curves = [], [], {}
     for i, run in enumerate(table.runs, 1):
         per_seed = []
         for seed in range(configs[run.label].seed, configs[run.label].seed + seeds):
@@ -482,25 +510,30 @@ def reproduce(
                 console.print(f"  reused {run_dir}")
             measured = measure(run_dir)
             per_seed.append(expand(run, run_dir, measured))
-            changes.setdefault(run.label, []).append(measured["last3_change"])
+            curves.setdefault(run.label, []).append(measured["test_acc_curve"])
         rows += over_seeds(per_seed)
+    moves = {label: last3_move(c) for label, c in curves.items()}
+    for row in rows:  # every row of a run (sub-models, ensembles, thresholds too) has its run's figure
+        row["last3_move"], row["converged"] = moves[row["run"]], converged(moves[row["run"]])
     relative(rows, table.reference, table.layer_serial, table.best_bp)
     frame = assemble(table, rows)
-    claims = evaluate_claims(table, rows, published_value)
+    claims = evaluate_claims(table, rows, published_value, moves)
     target = Path(out) / "-".join([name, scale, *(slug(o) for o in overrides)])
     text = header(table, scale, list(configs.values()), list(dict.fromkeys(commits)), seeds, overrides)
-    text += "\n" + convergence_line({k: sum(v) / len(v) for k, v in changes.items()}, table.gap_to)
+    text += "\n" + "\n".join(convergence_lines(table, moves))
     written = write_table(frame, target / "table", text, shown=with_spread(frame))
-    if claims is not None:
-        written += write_claims(claims, target)
+    written += write_claims(claims, target, table.no_claims)
     written += plots(table, frame, rows, configs, target)
     console.print(rich_table(with_spread(frame), title=f"{table.title} [{scale} scale]"))
     for claim in [] if claims is None else claims.to_dict("records"):  # one line each: readable in 80 columns
         style = {"holds": "green", "fails": "red"}.get(claim["ours"], "")
+        style = "yellow" if claim["ours"].startswith("provisional") else style
         console.print(
             f"[{style or 'default'}]{claim['ours']:5}[/] {claim['claim']} (paper: {claim['paper']}; "
             f"ours: {claim['our values']})",
             highlight=False,
         )
+    if claims is None:
+        console.print(f"no claims checked: {table.no_claims}", highlight=False)
     console.print(f"outputs: {target} ({', '.join(p.name for p in written)})")
     return frame

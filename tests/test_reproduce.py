@@ -135,3 +135,119 @@ def test_an_interrupted_reproduction_retrains_only_what_had_not_finished(tmp_pat
     monkeypatch.setattr(rundir, "git_commit", lambda: "fffffff-dirty")
     reproduce("lct-iclr-table4", "smoke", tmp_path)
     assert trained == []
+
+
+SCALES = {s: {"note": s, "overrides": ["data.name=fake", "model.name=cnn-small"]} for s in ("smoke", "small", "paper")}
+# the last 3 epochs' test accuracy of each (run, seed): bp's seeds each move 0.4 but their mean only 0.1 (converged);
+# LC's seeds move together, 1.0 (still moving); `short` has 2 epochs (not measured)
+CURVES = {
+    ("bp", 0): [90.0, 90.4, 90.2],
+    ("bp", 1): [90.4, 90.0, 90.4],
+    ("LC", 0): [85.0, 85.5, 86.0],
+    ("LC", 1): [85.0, 85.5, 86.0],
+    ("short", 0): [70.0, 71.0],
+    ("short", 1): [70.0, 71.0],
+}
+
+
+def fake_run(tmp_path):
+    """run_cached without training: a run directory with the metrics of CURVES, a workers.csv and, for runs
+    with sub-models, a submodels.csv."""
+    import json
+
+    def run_cached(cfg, label, cache, code, console):
+        run_dir = cache / f"{label}-{cfg.seed}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        accs = CURVES[(label, cfg.seed)]
+        pd.DataFrame(
+            [{"epoch": e, "test_acc": a, "seconds": 1.0, "samples_per_s": 64.0} for e, a in enumerate(accs, 1)]
+        ).to_csv(run_dir / "metrics.csv", index=False)
+        pd.DataFrame(
+            [{"epoch": e, "worker": 0, "compute_s": 1.0, "peak_mem_mb": 10.0, "bytes_sent": 0} for e in (1,)]
+        ).to_csv(run_dir / "workers.csv", index=False)
+        sub = {"model": ["sub1", "main"], "test_acc": [80.0, accs[-1]], "params": [1, 2], "flops": [1, 2]}
+        pd.DataFrame({**sub, "flops_frac": [0.5, 1.0]}).to_csv(run_dir / "submodels.csv", index=False)
+        (run_dir / "done.json").write_text(json.dumps({"commit": "abc1234"}))
+        return run_dir, True
+
+    return run_cached
+
+
+def write_table_file(folder, name, body):
+    (folder / f"{name}.yaml").write_text(f"title: {name}\nscales: {SCALES}\nseeds: {{smoke: 2}}\n" + body)
+
+
+def test_every_row_says_whether_its_run_converged_and_claims_on_moving_runs_are_provisional(tmp_path, monkeypatch):
+    import lctrun.reproduce as reproduce_module
+    from lctrun.reproduce import Console
+
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    monkeypatch.setattr(reproduce_module, "TABLES_DIR", tables)
+    monkeypatch.setattr(reproduce_module, "run_cached", fake_run(tmp_path))
+    write_table_file(
+        tables,
+        "moving",
+        "claims:\n"
+        "  - {claim: LC above bp's sub1, check: '{LC} > {bp|sub1}'}\n"
+        "  - {claim: bp's sub1 below 85, check: '{bp|sub1} < 85'}\n"
+        "  - {claim: short below bp, check: '{short} < {bp|main}'}\n"
+        "runs:\n"
+        "  - {label: bp, overrides: [method=bp], rows: submodels}\n"
+        "  - {label: LC, overrides: [method=lct, 'model.split=[conv1]']}\n"
+        "  - {label: short, overrides: [method=bp]}\n",
+    )
+    console = Console(record=True, width=200)
+    reproduce("moving", "smoke", tmp_path / "out", console)
+    out = tmp_path / "out" / "moving-smoke"
+
+    table = pd.read_csv(out / "table.csv", keep_default_na=False)
+    by_row = {(r["run"], r["item"]): (r["last3_move"], r["converged"]) for _, r in table.iterrows()}
+    assert by_row[("bp", "sub1")] == by_row[("bp", "main")]  # a sub-model row has its run's main-model curve
+    assert float(by_row[("bp", "sub1")][0]) == pytest.approx(0.1) and by_row[("bp", "sub1")][1] == "yes"
+    assert float(by_row[("LC", "")][0]) == pytest.approx(1.0) and by_row[("LC", "")][1] == "no"
+    assert by_row[("short", "")][1] == "not measured"
+
+    claims = pd.read_csv(out / "claims.csv", keep_default_na=False)
+    assert list(claims["ours"]) == [
+        "provisional (would hold; LC moved 1.00)",
+        "holds",  # bp's seeds each moved 0.4, their mean 0.1: converged
+        "provisional (would hold; short not measured)",
+    ]
+    assert list(claims["provisional_rows"]) == ["LC=1.00", "", "short=not measured"]
+
+    md = (out / "table.md").read_text()
+    assert "averaged over the seeds epoch by epoch, moves by less than 0.3 points" in md
+    assert "take their run's main-model curve" in md
+    assert "1 of 3 runs converged; still moving: LC 1.00; not measured: short" in md
+    assert "| last3_move | converged |" in md and "provisional (would hold; LC moved 1.00)" in md
+    text = console.export_text()
+    assert "provisional (would hold; LC moved 1.00) LC above bp's sub1" in text
+    assert "holds bp's sub1 below 85" in text
+
+
+def test_a_table_without_claims_says_why_in_table_md_and_on_the_console(tmp_path, monkeypatch):
+    import lctrun.reproduce as reproduce_module
+    from lctrun.reproduce import Console
+
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    monkeypatch.setattr(reproduce_module, "TABLES_DIR", tables)
+    monkeypatch.setattr(reproduce_module, "run_cached", fake_run(tmp_path))
+    runs = "runs:\n  - {label: bp, overrides: [method=bp]}\n"
+    write_table_file(tables, "silent", runs)
+    with pytest.raises(ConfigError, match="a table without claims says why in no_claims"):
+        load_table("silent")
+    write_table_file(tables, "quiet", "no_claims: the paper's values are not available offline\n" + runs)
+    console = Console(record=True, width=200)
+    reproduce("quiet", "smoke", tmp_path / "out", console)
+    md = (tmp_path / "out" / "quiet-smoke" / "table.md").read_text()
+    assert "No claims are checked: the paper's values are not available offline" in md
+    assert not (tmp_path / "out" / "quiet-smoke" / "claims.csv").exists()
+    assert "no claims checked: the paper's values are not available offline" in console.export_text()
+
+
+@pytest.mark.parametrize("name", table_names())
+def test_every_shipped_table_has_claims_or_says_why_not(name):
+    table = load_table(name)
+    assert bool(table.claims) != bool(table.no_claims)

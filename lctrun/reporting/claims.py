@@ -9,6 +9,13 @@ A claim in a table YAML:
 ensemble, a threshold) and `{label|item|column}` any measured column. A check is arithmetic (+ - * /,
 abs, min, max), comparisons and and/or over those values: nothing else is evaluated. It is checked twice:
 on our values (means over seeds) and on the paper's, where the paper has every value it needs.
+
+Our verdict counts only on converged runs (docs/methods.md section 10, "Convergence"): a run has converged
+when its test-accuracy curve, averaged over the seeds epoch by epoch, moves by less than 0.3 points
+(max - min) over its last 3 epochs (`last3_move`). A row of a run's sub-models, ensembles or progressive
+thresholds takes its run's main-model curve. A claim that uses a run that has not converged, or whose
+movement was not measured (fewer than 3 epochs), is "provisional (would hold|fail; <run> moved <x>)", and
+its `provisional_rows` name those runs. The paper's verdict is unaffected.
 """
 
 from __future__ import annotations
@@ -26,6 +33,31 @@ REF = re.compile(r"\{([^{}|]+)(?:\|([^{}|]*))?(?:\|([^{}|]+))?\}")
 BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 COMPARE = {ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge}
 CALLS = {"abs": abs, "min": min, "max": max}
+CONVERGED_BELOW = 0.3  # points of test accuracy
+LAST_EPOCHS = 3
+
+
+def last3_move(curves: list[dict[int, float]]) -> float:
+    """The convergence figure of one run: its seeds' test-accuracy curves ({epoch: test_acc}, one per seed)
+    averaged epoch by epoch, then max - min of that mean over the run's last 3 epochs. NaN (not measured)
+    when the run has fewer than 3 epochs, or a seed has no test accuracy in one of them."""
+    last = max((max(c, default=0) for c in curves), default=0)
+    epochs = range(last - LAST_EPOCHS + 1, last + 1)
+    if last < LAST_EPOCHS or any(e not in c for c in curves for e in epochs):
+        return math.nan
+    mean = [sum(c[e] for c in curves) / len(curves) for e in epochs]
+    return max(mean) - min(mean)
+
+
+def converged(move: float) -> str:
+    """Whether a run converged: "yes" (it moved less than 0.3 points), "no", or "not measured" (NaN)."""
+    if move is None or math.isnan(move):
+        return "not measured"
+    return "yes" if move < CONVERGED_BELOW else "no"
+
+
+def _movement(move: float) -> str:
+    return "not measured" if converged(move) == "not measured" else f"{move:.2f}"
 
 
 def references(check: str) -> list[tuple[str, str, str]]:
@@ -111,9 +143,11 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def evaluate_claims(table, rows: list[dict], published_value) -> pd.DataFrame | None:
-    """One line per claim: the claim, its check, the paper's values and verdict, ours and our verdict.
-    published_value(run, item, column): the paper's value, or None."""
+def evaluate_claims(table, rows: list[dict], published_value, moves: dict[str, float] | None = None):
+    """One line per claim: the claim, its check, the paper's values and verdict, ours and our verdict, and
+    provisional_rows. published_value(run, item, column): the paper's value, or None. moves: each run label's
+    last3_move; with it, a verdict that uses a run that has not converged (a label missing from moves counts
+    as not measured) is provisional. None when the table has no claims."""
     if not table.claims:
         return None
     runs = {r.label: r for r in table.runs}
@@ -135,6 +169,16 @@ def evaluate_claims(table, rows: list[dict], published_value) -> pd.DataFrame | 
     for claim in table.claims:
         paper_verdict, paper_values = verdict(claim["check"], paper)
         our_verdict, our_values = verdict(claim["check"], ours)
+        used = dict.fromkeys(label for label, _, _ in references(claim["check"]))
+        moving = {} if moves is None else {k: moves.get(k, math.nan) for k in used}
+        moving = {k: m for k, m in moving.items() if converged(m) != "yes"}
+        if moving and our_verdict != "n/a":
+            would = {"holds": "would hold", "fails": "would fail"}[our_verdict]
+            rows_moved = ", ".join(
+                f"{k} not measured" if converged(m) == "not measured" else f"{k} moved {m:.2f}"
+                for k, m in moving.items()
+            )
+            our_verdict = f"provisional ({would}; {rows_moved})"
         out.append(
             {
                 "claim": claim["claim"],
@@ -143,6 +187,7 @@ def evaluate_claims(table, rows: list[dict], published_value) -> pd.DataFrame | 
                 "paper's values": paper_values,
                 "ours": our_verdict,
                 "our values": our_values,
+                "provisional_rows": "; ".join(f"{k}={_movement(m)}" for k, m in moving.items()),
             }
         )
     return pd.DataFrame(out)

@@ -100,8 +100,10 @@ def with_spread(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def to_markdown(frame: pd.DataFrame) -> str:
-    """A pipe table without the optional `tabulate` dependency."""
-    head = "| " + " | ".join(map(str, frame.columns)) + " |"
+    """A pipe table without the optional `tabulate` dependency; a `|` inside a cell (a claim's `{run|item}`) is
+    escaped, so it does not split the cell."""
+    cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731
+    head = "| " + " | ".join(cell(c) for c in frame.columns) + " |"
     rule = "| " + " | ".join("---" for _ in frame.columns) + " |"
-    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    body = ["| " + " | ".join(cell(fmt(v)) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([head, rule, *body])
