@@ -348,7 +348,8 @@ def structural_report(p, runtime, test_loader: TensorLoader, run_dir: Path, thre
     groups = [s.group for s in stages]
     K = len(groups)
     if p.method.name == "bp" and K > 1:
-        auxes: list[nn.Module | None] = probe_heads(groups, p.data, p.cfg, epochs=max(1, p.cfg.epochs // 2))
+        # a critic's budget (Adam at critic.lr, a step per batch of every epoch): table 4 sets them side by side
+        auxes: list[nn.Module | None] = probe_heads(groups, p.data, p.cfg, p.cfg.epochs, p.cfg.critic.lr)
         with autocast_of(stages):
             out = evaluate_submodels(groups, auxes, test_loader)
     else:

@@ -188,6 +188,36 @@ def test_probe_heads_on_a_bp_trained_cnn(tmp_path):
     assert tables["submodels"][-1]["test_acc"] == pytest.approx(main_acc(runtime, test_loader))
 
 
+def adam_steps(run, monkeypatch) -> dict:
+    """{optimizer: (steps, lr)} of every Adam step taken inside run()."""
+    steps, step = {}, torch.optim.Adam.step
+
+    def counted(self, *args, **kwargs):
+        count, _ = steps.get(id(self), (0, None))
+        steps[id(self)] = (count + 1, self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim.Adam, "step", counted)
+        run()
+    return steps
+
+
+def test_bp_probe_heads_get_the_budget_of_lcts_critics(tmp_path, monkeypatch):
+    """Table 4 sets bp's sub-models beside LC's: each probe head takes as many Adam steps at critic.lr as
+    lct gives each critic in the same run (2 epochs of 4 batches, update_every 1)."""
+    budgets = []
+    for method in ("bp", "lct"):
+        cfg = small([f"method={method}", "epochs=2", "critic.lr=0.003"])
+        budgets.append(
+            adam_steps(
+                lambda cfg=cfg: train(cfg, run_dir=tmp_path / cfg.method, console=Console(quiet=True)), monkeypatch
+            )
+        )
+    probes, critics = (sorted(b.values()) for b in budgets)
+    assert probes == critics == [(8, 0.003)] * 2
+
+
 def main_acc(runtime, loader):
     out = runtime.evaluate(loader)
     return 100.0 * (out.logits[-1].argmax(1) == out.labels).float().mean().item()
