@@ -237,6 +237,9 @@ def reproduce(
         Path("results/tables"), "--out", help="Tables go to OUT/<table>-<scale>/, runs to OUT/runs/."
     ),
     every: bool = typer.Option(False, "--all", help="Every table, one after the other (runs shared and cached)."),
+    seeds: int = typer.Option(
+        None, "--seeds", help="Seeds per run instead of the table's (e.g. 1 for a pilot; the folder says so)."
+    ),
     overrides: list[str] = typer.Argument(
         None,
         help="KEY=VALUE on every run, e.g. precision=bf16 memory_format=channels_last (tables: OUT/<table>-"
@@ -257,7 +260,7 @@ def reproduce(
             raise ConfigError(f"give a table name or --all, not both (got '{table}' and --all)")
         for name in table_names():
             console.rule(name)
-            run_reproduce(name, scale, out, console, overrides)
+            run_reproduce(name, scale, out, console, overrides, seeds)
         return
     if list_tables or table is None:
         rows = [(n, (t := load_table(n)).title, len(t.runs)) for n in table_names()]
@@ -265,7 +268,7 @@ def reproduce(
         if table is None and not list_tables:
             console.print("give a table name: lctrun reproduce TABLE --scale smoke|small|paper")
         return
-    run_reproduce(table, scale, out, console, overrides)
+    run_reproduce(table, scale, out, console, overrides, seeds)
 
 
 @app.command("list")

@@ -487,8 +487,10 @@ def reproduce(
     out: Path = Path("results/tables"),
     console: Console | None = None,
     overrides: list[str] | None = None,
+    seeds: int | None = None,
 ):
-    """The table at `scale`; `overrides` go on every run (e.g. precision=bf16) and into the folder's name."""
+    """The table at `scale`; `overrides` go on every run (e.g. precision=bf16) and into the folder's name, as
+    does `seeds` when it replaces the table's number of seeds (a pilot: one seed, longer runs)."""
     console = console or Console()
     overrides = list(overrides or [])
     if scale not in SCALES:
@@ -497,7 +499,10 @@ def reproduce(
     check_table(table)
     code = rundir.code_version()
     configs = {run.label: table.config(run, scale, overrides) for run in table.runs}
-    seeds = table.seeds(scale)
+    if seeds is not None and seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: give at least 1")
+    suffix = [f"seeds-{seeds}"] if seeds and seeds != table.seeds(scale) else []
+    seeds = seeds or table.seeds(scale)
     rows, commits, curves = [], [], {}
     for i, run in enumerate(table.runs, 1):
         per_seed = []
@@ -518,7 +523,7 @@ def reproduce(
     relative(rows, table.reference, table.layer_serial, table.best_bp)
     frame = assemble(table, rows)
     claims = evaluate_claims(table, rows, published_value, moves)
-    target = Path(out) / "-".join([name, scale, *(slug(o) for o in overrides)])
+    target = Path(out) / "-".join([name, scale, *(slug(o) for o in overrides), *suffix])
     text = header(table, scale, list(configs.values()), list(dict.fromkeys(commits)), seeds, overrides)
     text += "\n" + "\n".join(convergence_lines(table, moves))
     written = write_table(frame, target / "table", text, shown=with_spread(frame))

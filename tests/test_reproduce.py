@@ -251,3 +251,20 @@ def test_a_table_without_claims_says_why_in_table_md_and_on_the_console(tmp_path
 def test_every_shipped_table_has_claims_or_says_why_not(name):
     table = load_table(name)
     assert bool(table.claims) != bool(table.no_claims)
+
+
+def test_a_pilot_with_fewer_seeds_runs_those_and_says_so_in_its_folder(tmp_path, monkeypatch):
+    import lctrun.reproduce as reproduce_module
+
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    monkeypatch.setattr(reproduce_module, "TABLES_DIR", tables)
+    ran = []
+    fake = fake_run(tmp_path)
+    monkeypatch.setattr(reproduce_module, "run_cached", lambda cfg, *args: ran.append(cfg.seed) or fake(cfg, *args))
+    write_table_file(tables, "pilot", "no_claims: a test\nruns:\n  - {label: bp, overrides: [method=bp]}\n")
+    reproduce("pilot", "smoke", tmp_path / "out", seeds=1)
+    assert ran == [0]  # the table's 2 seeds replaced by 1
+    assert "one seed" in (tmp_path / "out" / "pilot-smoke-seeds-1" / "table.md").read_text()
+    with pytest.raises(ConfigError, match="--seeds 0: give at least 1"):
+        reproduce("pilot", "smoke", tmp_path / "out", seeds=0)
