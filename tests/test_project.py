@@ -37,3 +37,32 @@ def test_project_plays_every_bench_row(tmp_path):
         (al,) = rows[rows["config"].str.startswith("al ")]["projected_max_mem_mb"]
         assert al > rows[rows["config"] == "bp model-parallel, 2 devices"]["projected_max_mem_mb"].item()
     assert (tmp_path / "projection.csv").exists() and (tmp_path / "projection.md").exists()
+
+
+def test_a_micro_batch_is_profiled_within_its_batch_and_counted_per_micro_batch():
+    """Every micro-batch of the batch runs, forward then backward, as a pipeline runs them; sizes and saved
+    bytes are per micro-batch (a quarter of the batch's here), and BN statistics are left as they were."""
+    import torch
+
+    from lctrun.config import CriticConfig
+    from lctrun.models import build_model
+    from lctrun.projection.profile import profile
+
+    net = build_model("cnn-small", 10, (1, 28, 28))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    prof = profile(net, torch.randn(16, 1, 28, 28), [16, 4], [], CriticConfig(), 10, repeats=1)
+    whole, quarter = prof.blocks[16], prof.blocks[4]
+    assert len(whole) == len(quarter) == len(prof.names)
+    for w, q in zip(whole, quarter, strict=True):
+        assert q.out_bytes * 4 == w.out_bytes and q.param_bytes == w.param_bytes
+        assert w.saved_bytes / 4 <= q.saved_bytes < w.saved_bytes  # activations shrink, saved weights do not
+        assert q.forward > 0 and q.backward > 0
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_check_projects_a_row_on_the_cut_the_bench_measured():
+    from lctrun.projection.project import Plan, on_cut
+
+    plan = Plan("lct 2 devices, depth 1", None, 2, [3])
+    assert on_cut(plan, "layer2.0", ["stem", "layer1.0", "layer1.1", "layer1.2", "layer2.0"]).cut == [4]
+    assert on_cut(plan, "-", ["stem"]).cut == []

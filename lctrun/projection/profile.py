@@ -22,7 +22,7 @@ class BlockProfile:
     forward: float  # seconds, at the batch size it was measured at
     backward: float
     optimizer: float
-    out_bytes: float  # its output, for the whole batch
+    out_bytes: float  # its output, for one (micro-)batch of the size it was measured at
     saved_bytes: float  # what autograd saves for its backward
     param_bytes: float
 
@@ -60,44 +60,50 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_module(module: nn.Module, x: torch.Tensor, loss_of, optimizer, repeats: int) -> tuple:
-    """Best-of-`repeats` seconds of the forward, the backward (from `loss_of(output)`, into x too) and the
-    optimiser step; the bytes autograd saves; the output."""
-    x = x.detach().requires_grad_(x.is_floating_point())
+def time_module(module: nn.Module, xs: list[torch.Tensor], loss_of, optimizer, repeats: int) -> tuple:
+    """Best-of-`repeats` seconds per input of the forward, the backward (from `loss_of(output)`, into the input
+    too) and the optimiser step; the bytes autograd saves for one input; the outputs. The inputs `xs` are the
+    micro-batches of one batch, run as a pipeline runs them: every forward, then every backward, with every
+    micro-batch's activations alive (timing one small batch over and over, from warm caches, is optimistic)."""
+    xs = [x.detach().requires_grad_(x.is_floating_point()) for x in xs]
 
-    def forward() -> torch.Tensor:
-        out = module(x)
-        sync(x.device)
-        return out
+    def forward() -> list[torch.Tensor]:
+        outs = [module(x) for x in xs]
+        sync(xs[0].device)
+        return outs
 
-    fwd = best_of(forward, repeats)
+    fwd = best_of(forward, repeats) / len(xs)
     bwd = float("inf")
     for i in range(repeats + 1):  # the first is a warm-up
-        loss = loss_of(forward())
+        losses = [loss_of(out) for out in forward()]
         start = time.perf_counter()
-        loss.backward()
-        sync(x.device)
-        bwd = min(bwd, time.perf_counter() - start) if i else bwd
+        for loss in losses:
+            loss.backward()
+        sync(xs[0].device)
+        bwd = min(bwd, (time.perf_counter() - start) / len(xs)) if i else bwd
     with SavedTensors() as saved:
-        out = module(x)
-    opt = best_of(lambda: (optimizer.step(), sync(x.device)), repeats)
+        module(xs[0])
+    with torch.no_grad():
+        outs = forward()
+    opt = best_of(lambda: (optimizer.step(), sync(xs[0].device)), repeats)
     optimizer.zero_grad(set_to_none=True)
-    return fwd, bwd, opt, saved.bytes, out.detach()
+    return fwd, bwd, opt, saved.bytes, outs
 
 
 def sgd(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(list(params), lr=1e-9, momentum=0.9)
 
 
-def profile_blocks(blocks: list[tuple[str, nn.Module]], x: torch.Tensor, repeats: int) -> list[BlockProfile]:
+def profile_blocks(blocks: list[tuple[str, nn.Module]], xs: list[torch.Tensor], repeats: int) -> list[BlockProfile]:
+    """Every block on the micro-batches `xs` of one batch (a list of one: the whole batch), per micro-batch."""
     out = []
     for _, block in blocks:
         buffers = {k: v.clone() for k, v in block.state_dict().items()}  # timing must not move BN statistics
         params = [p for p in block.parameters() if p.requires_grad]
-        fwd, bwd, opt, saved, y = time_module(block, x, lambda o: o.float().sum(), sgd(params), repeats)
+        fwd, bwd, opt, saved, ys = time_module(block, xs, lambda o: o.float().sum(), sgd(params), repeats)
         block.load_state_dict(buffers)
-        out.append(BlockProfile(fwd, bwd, opt if params else 0.0, tensor_bytes([y]), saved, tensor_bytes(params)))
-        x = y
+        out.append(BlockProfile(fwd, bwd, opt if params else 0.0, tensor_bytes(ys[:1]), saved, tensor_bytes(params)))
+        xs = ys
     return out
 
 
@@ -115,7 +121,7 @@ def profile_aux(method: str, h: torch.Tensor, critic: CriticConfig, num_classes:
         loss_of = lambda out: F.cross_entropy(out, y)  # noqa: E731
     # lct and dni step their auxiliary nets with critic.optim (Adam by default); dgl with the group's SGD
     optimizer = sgd(params) if method == "dgl" else make_aux_optimizer(params, critic)
-    fwd, bwd, opt, saved, _ = time_module(aux, h, loss_of, optimizer, repeats)
+    fwd, bwd, opt, saved, _ = time_module(aux, [h], loss_of, optimizer, repeats)
     state = 2 if isinstance(optimizer, torch.optim.Adam) else 1
     return AuxProfile(fwd, bwd, opt, saved, tensor_bytes(params), state * tensor_bytes(params))
 
@@ -129,13 +135,14 @@ def profile(
     num_classes: int,
     repeats: int = 2,
 ) -> Profile:
-    """Every block at every batch size in `sizes` (the first rows of `sample`), and each method's auxiliary
-    net after every block but the last, at the whole batch (local methods do not split batches)."""
+    """Every block at every batch size in `sizes` (`sample` split into micro-batches of that size, timed as a
+    pipeline runs them), and each method's auxiliary net after every block but the last, at the whole batch
+    (local methods do not split batches)."""
     blocks = model.named_blocks()
     result = Profile([n for n, _ in blocks])
     with torch.random.fork_rng(devices=[]):
         for size in sorted(set(sizes), reverse=True):
-            result.blocks[size] = profile_blocks(blocks, sample[:size], repeats)
+            result.blocks[size] = profile_blocks(blocks, list(sample.split(size)), repeats)
         outputs, x = [], sample
         with torch.no_grad():
             model.eval()

@@ -229,11 +229,17 @@ def project(
         f"profiling {model} on {device} with {torch.get_num_threads()} threads, batch sizes {sorted(set(sizes))}"
     )
     prof = profile(net, sample, sizes, [m for m in methods if m != "bp"], cfg0.critic, cfg0.data.num_classes, repeats)
+    if measure:
+        measured = measured_rows(
+            model, groups, batch, shape, methods, depths, schedules, microbatches, overrides, threads
+        ).set_index(["K", "config"])
     rows = []
     for link in link_list:
         for k in groups:
             row_plans = plans(k, threads, methods, schedules, microbatches, batch, depths, base, prof)
             for plan in row_plans:
+                if measure and (k, plan.label) in measured.index and plan.devices > 1 and not plan.cfg.data_parallel:
+                    plan = on_cut(plan, measured.loc[(k, plan.label), "measured_cut"], prof.names)
                 seconds = seconds_per_batch(plan, prof, link)
                 mem = memory_mb(plan, prof, samples)
                 rows.append(
@@ -256,9 +262,8 @@ def project(
         frame["projected_samples_per_s"] / [best[key] for key in zip(frame["link"], frame["K"], strict=True)],
     )
     if measure:
-        frame = with_measured(
-            frame, model, groups, batch, shape, methods, depths, schedules, microbatches, overrides, threads
-        )
+        frame = frame.merge(measured.reset_index(), on=["K", "config"], how="left")
+        frame["ratio"] = frame["projected_samples_per_s"] / frame["measured_samples_per_s"]
     frame = frame.round(3)
     title = (
         f"PROJECTION of K devices like this one ({device}, {torch.get_num_threads()} threads each): {model}, "
@@ -274,10 +279,23 @@ def project(
         )
     console.print(rich_table(shown, title=title))
     if out is not None:
+        from lctrun.reporting.rundir import git_commit, hardware_tag
         from lctrun.reporting.tables import write_table
 
         links_text = "; ".join(link.describe() for link in link_list)
-        paths = write_table(frame, Path(out), f"# {title}\n\nlinks: {links_text}")
+        text = (
+            f"# {title}\n\nprofiled on {hardware_tag()} ({device}, {threads} threads), commit {git_commit()}, "
+            f"{pd.Timestamp.now().strftime('%Y-%m-%d')}; precision {cfg0.precision}, memory format "
+            f"{cfg0.memory_format}; overrides: {' '.join(overrides or []) or 'none'}; links: {links_text}."
+        )
+        if measure:
+            text += (
+                " Measured: `lctrun bench` on this machine in the same command, K workers sharing its cores (one "
+                "device = the threads each worker gets); each row projected on the cut the bench ran it on; "
+                "ratio = projected / measured samples/s. A row without a measurement is one the bench did not run "
+                "(a layer-serial reference on a cut no method measured)."
+            )
+        paths = write_table(frame, Path(out), text)
         console.print(f"written: {', '.join(map(str, paths))}")
     for link in link_list:
         console.print(f"link {link.describe()}")
@@ -289,10 +307,10 @@ def project(
     return frame
 
 
-def with_measured(frame, model, groups, batch, shape, methods, depths, schedules, microbatches, overrides, threads):
-    """The projection check: `lctrun bench` on this machine (K workers sharing its cores) for each K, its
-    samples/s beside the projection's, matched by row (bench_rows: the same row, its label in each), and
-    projected / measured."""
+def measured_rows(model, groups, batch, shape, methods, depths, schedules, microbatches, overrides, threads):
+    """The projection check's other half: `lctrun bench` on this machine (K workers sharing its cores) for each K,
+    its rows named as the projection names them (bench_rows: the same row, its label in each): K, config, the
+    cut it ran on, measured samples/s."""
     from lctrun.bench import bench
 
     cores = os.cpu_count() or 1
@@ -314,8 +332,12 @@ def with_measured(frame, model, groups, batch, shape, methods, depths, schedules
         rows += [layer_serial_row(m, k) for m in methods]
         names = {row.label: row.projected_label(threads) for row in rows}
         table["config"] = table["config"].map(names)
-        measured.append(table.dropna(subset=["config"]).assign(K=k)[["K", "config", "cut", "samples_per_s"]])
-    both = frame.merge(pd.concat(measured), on=["K", "config"], how="left", suffixes=("", "_measured"))
-    both = both.rename(columns={"samples_per_s": "measured_samples_per_s"})
-    both["ratio"] = both["projected_samples_per_s"] / both["measured_samples_per_s"]
-    return both
+        table = table.dropna(subset=["config"]).assign(K=k)[["K", "config", "cut", "samples_per_s"]]
+        measured.append(table.rename(columns={"cut": "measured_cut", "samples_per_s": "measured_samples_per_s"}))
+    return pd.concat(measured)
+
+
+def on_cut(plan: Plan, cut: str, names: list[str]) -> Plan:
+    """The plan on a cut given by block names ("-": none): the check projects each row on the cut the bench
+    measured it on, since a time-balanced cut can flip between near-ties from run to run."""
+    return replace(plan, cut=[] if cut == "-" else [names.index(n) for n in cut.split(",")])
