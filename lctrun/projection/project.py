@@ -267,7 +267,8 @@ def project(
     frame = frame.round(3)
     title = (
         f"PROJECTION of K devices like this one ({device}, {torch.get_num_threads()} threads each): {model}, "
-        f"batch {batch} — not measured"
+        f"batch {batch}"
+        + (" — projected beside measured (lctrun bench on this machine)" if measure else " — not measured")
     )
     shown = frame[["link", "K", "config", "cut", "projected_samples_per_s", "projected_x_best_bp"]].copy()
     shown["projected MB/device"] = frame["projected_mem_mb_per_device"]
