@@ -189,7 +189,9 @@ def project(
     overrides: list[str] = typer.Argument(None, help="Extra KEY=VALUE overrides, e.g. critic.pool=4."),
     out: Path = typer.Option(None, "--out", help="Also write the table here (OUT.csv, OUT.md)."),
     measure: bool = typer.Option(
-        False, "--measure", help="Also run lctrun bench for each K here: measured beside projected, and their ratio."
+        False,
+        "--measure",
+        help="Also run lctrun bench for each K here (its tables: OUT-bench/): measured beside projected, and their ratio.",
     ),
 ) -> None:
     """Project speed and memory per device of every bench configuration on K devices like this one."""

@@ -66,3 +66,49 @@ def test_the_check_projects_a_row_on_the_cut_the_bench_measured():
     plan = Plan("lct 2 devices, depth 1", None, 2, [3])
     assert on_cut(plan, "layer2.0", ["stem", "layer1.0", "layer1.1", "layer1.2", "layer2.0"]).cut == [4]
     assert on_cut(plan, "-", ["stem"]).cut == []
+
+
+def test_the_check_sets_each_bench_row_beside_its_projection_on_the_cut_it_measured(tmp_path, monkeypatch):
+    """`project --measure` without the minutes of a real bench: a stand-in bench returns every row it would run,
+    lct on a cut of its own (conv1, where the profile would not put it); the check projects lct there, matches
+    every row by name and writes the bench's tables to OUT-bench/."""
+    import pandas as pd
+
+    import lctrun.bench
+    from lctrun.bench_rows import layer_serial_row
+
+    calls = []
+
+    def bench(model, k, batch, shape, methods, split, out_dir=None, **kwargs):
+        calls.append(out_dir)
+        rows = bench_rows(
+            methods, k, os.cpu_count(), kwargs["schedules"], kwargs["microbatches"], batch, kwargs["depths"]
+        )
+        rows.append(layer_serial_row("lct", k))
+        cuts = ["conv1" if r.method == "lct" or "lct's" in r.label else ("conv2" if r.on_cut else "-") for r in rows]
+        return pd.DataFrame({"config": [r.label for r in rows], "cut": cuts, "samples_per_s": 100.0})
+
+    monkeypatch.setattr(lctrun.bench, "bench", bench)
+    out = tmp_path / "check"
+    frame = project(
+        "cnn-small",
+        [2],
+        batch=16,
+        shape=(1, 28, 28),
+        methods=["bp", "lct"],
+        depths=[1],
+        schedules=["gpipe"],
+        microbatches=[2],
+        links=["pcie4"],
+        repeats=1,
+        out=out,
+        measure=True,
+    )
+    assert calls == [tmp_path / "check-bench"]
+    rows = frame.set_index("config")
+    assert rows.loc["lct 2 devices, depth 1", "cut"] == "conv1" == rows.loc["lct 2 devices, depth 1", "measured_cut"]
+    assert rows.loc["bp gpipe M=2, 2 devices", "cut"] == "conv2"
+    measured = rows.dropna(subset=["measured_samples_per_s"])
+    assert {"bp 1 device", "bp data-parallel, 2 devices", "lct 2 devices, depth 1"} <= set(measured.index)
+    assert (measured["ratio"] == (measured["projected_samples_per_s"] / 100.0).round(3)).all()
+    assert "projected beside measured" in (tmp_path / "check.md").read_text()

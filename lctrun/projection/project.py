@@ -230,8 +230,9 @@ def project(
     )
     prof = profile(net, sample, sizes, [m for m in methods if m != "bp"], cfg0.critic, cfg0.data.num_classes, repeats)
     if measure:
+        bench_dir = Path(f"{out}-bench") if out is not None else Path("results/bench/projection-check-bench")
         measured = measured_rows(
-            model, groups, batch, shape, methods, depths, schedules, microbatches, overrides, threads
+            model, groups, batch, shape, methods, depths, schedules, microbatches, overrides, threads, bench_dir
         ).set_index(["K", "config"])
     rows = []
     for link in link_list:
@@ -308,10 +309,13 @@ def project(
     return frame
 
 
-def measured_rows(model, groups, batch, shape, methods, depths, schedules, microbatches, overrides, threads):
+def measured_rows(
+    model, groups, batch, shape, methods, depths, schedules, microbatches, overrides, threads, bench_dir: Path
+):
     """The projection check's other half: `lctrun bench` on this machine (K workers sharing its cores) for each K,
     its rows named as the projection names them (bench_rows: the same row, its label in each): K, config, the
-    cut it ran on, measured samples/s."""
+    cut it ran on, measured samples/s. The bench tables go to `bench_dir` (not results/bench, whose full
+    tables a check's subset of rows would overwrite)."""
     from lctrun.bench import bench
 
     cores = os.cpu_count() or 1
@@ -328,6 +332,7 @@ def measured_rows(model, groups, batch, shape, methods, depths, schedules, micro
             schedules=schedules,
             microbatches=microbatches,
             overrides=overrides,
+            out_dir=bench_dir,
         )
         rows = bench_rows(methods, k, cores, schedules, microbatches, batch, depths)
         rows += [layer_serial_row(m, k) for m in methods]
