@@ -191,7 +191,7 @@ def project(
     measure: bool = typer.Option(
         False,
         "--measure",
-        help="Also run lctrun bench for each K here (its tables: OUT-bench/): measured beside projected, and their ratio.",
+        help="Also run lctrun bench for each K (tables to OUT-bench/): measured beside projected, and their ratio.",
     ),
 ) -> None:
     """Project speed and memory per device of every bench configuration on K devices like this one."""
