@@ -219,6 +219,24 @@ def run_cached(cfg: Experiment, label: str, cache: Path, code: str, console: Con
 
 
 # -- measuring ------------------------------------------------------------------------------------
+def is_sph(rows: list[dict]) -> bool:
+    """Whether a run's epochs alternate parallel and serial phases (layerpar.sph)."""
+    return {"parallel", "serial"} <= {r.get("phase") for r in rows}
+
+
+def convergence_curve(rows: list[dict]) -> dict[int, float]:
+    """The test accuracy the convergence rule judges: per epoch, or for a serial-parallel hybrid run (epochs of
+    both phases) per cycle, at the end of each cycle's serial phase. An SPH run's model is what a serial phase
+    delivers; its parallel epochs dip and recover by design, so only cycle ends are comparable points
+    (docs/methods.md section 10)."""
+    scored = [r for r in rows if isinstance(r.get("test_acc"), (int, float))]
+    if is_sph(rows):
+        nxt = [r.get("phase") for r in rows[1:]] + [None]
+        ends = [r for r, after in zip(rows, nxt, strict=True) if r.get("phase") == "serial" and after != "serial"]
+        return {cycle: r["test_acc"] for cycle, r in enumerate(ends, 1) if r in scored}
+    return {r["epoch"]: r["test_acc"] for r in scored}
+
+
 def measure(run_dir: Path) -> dict:
     """The measured columns of a finished run, from its metrics.csv and workers.csv."""
     rows = rundir.read_rows(run_dir / "metrics.csv")
@@ -227,7 +245,7 @@ def measure(run_dir: Path) -> dict:
     out = {k: v for k, v in final.items() if k.endswith("test_acc")}
     out["best_test_acc"] = max(r["test_acc"] for r in rows if "test_acc" in r)
     # the main model's test accuracy per evaluated epoch; over seeds, it gives the run's last3_move (claims.py)
-    out["test_acc_curve"] = {r["epoch"]: r["test_acc"] for r in rows if isinstance(r.get("test_acc"), (int, float))}
+    out["test_acc_curve"], out["sph"] = convergence_curve(rows), is_sph(rows)
     out["epochs"] = len(rows)
     out["train_s"] = sum(r["seconds"] for r in rows)
     out["s_per_epoch"] = out["train_s"] / len(rows)
@@ -362,16 +380,23 @@ def _items(run: TableRun) -> list[str]:
     return list(run.published) if run.rows != "final" else [""]
 
 
-def convergence_lines(table: Table, moves: dict[str, float]) -> list[str]:
-    """The header's convergence rule, and which runs met it (moves: each run label's last3_move)."""
+def convergence_lines(table: Table, moves: dict[str, float], by_cycle: set[str] = frozenset()) -> list[str]:
+    """The header's convergence rule, and which runs met it (moves: each run label's last3_move; by_cycle: the
+    serial-parallel hybrid runs, judged at their cycle ends)."""
     per_run = " (sub-model, ensemble and threshold rows take their run's main-model curve)"
+    cycles = (
+        f" (the serial-parallel hybrid runs {', '.join(sorted(by_cycle))}: over their last 3 cycles, at the end of "
+        "each cycle's serial phase, since their parallel epochs dip and recover by design)"
+        if by_cycle
+        else ""
+    )
     lines = [
         f"- convergence rule (docs/methods.md section 10): a row has converged when its run's test accuracy, averaged "
         f"over the seeds epoch by epoch, moves by less than {CONVERGED_BELOW} points (max - min) over the run's "
-        f"last 3 epochs{per_run if any(r.rows != 'final' for r in table.runs) else ''}. Columns last3_move (that "
-        "movement) and converged (yes, no, or not measured: fewer than 3 epochs, or a seed without a test accuracy "
-        "in one of them). A claim that uses a run that "
-        "has not converged is provisional: ours gives the verdict it would have and the runs still moving",
+        f"last 3 epochs{cycles}{per_run if any(r.rows != 'final' for r in table.runs) else ''}. Columns "
+        "last3_move (that movement) and converged (yes, no, or not measured: fewer than 3 epochs, or a seed "
+        "without a test accuracy in one of them). A claim that uses a run that has not converged is provisional: "
+        "ours gives the verdict it would have and the runs still moving",
     ]
     status = {label: converged(m) for label, m in moves.items()}
     done = [k for k, v in status.items() if v == "yes"]
@@ -503,7 +528,7 @@ def reproduce(
         raise ConfigError(f"--seeds {seeds}: give at least 1")
     suffix = [f"seeds-{seeds}"] if seeds and seeds != table.seeds(scale) else []
     seeds = seeds or table.seeds(scale)
-    rows, commits, curves = [], [], {}
+    rows, commits, curves, by_cycle = [], [], {}, set()
     for i, run in enumerate(table.runs, 1):
         per_seed = []
         for seed in range(configs[run.label].seed, configs[run.label].seed + seeds):
@@ -516,6 +541,7 @@ def reproduce(
             measured = measure(run_dir)
             per_seed.append(expand(run, run_dir, measured))
             curves.setdefault(run.label, []).append(measured["test_acc_curve"])
+            by_cycle |= {run.label} if measured["sph"] else set()
         rows += over_seeds(per_seed)
     moves = {label: last3_move(c) for label, c in curves.items()}
     for row in rows:  # every row of a run (sub-models, ensembles, thresholds too) has its run's figure
@@ -525,7 +551,7 @@ def reproduce(
     claims = evaluate_claims(table, rows, published_value, moves)
     target = Path(out) / "-".join([name, scale, *(slug(o) for o in overrides), *suffix])
     text = header(table, scale, list(configs.values()), list(dict.fromkeys(commits)), seeds, overrides)
-    text += "\n" + "\n".join(convergence_lines(table, moves))
+    text += "\n" + "\n".join(convergence_lines(table, moves, by_cycle))
     written = write_table(frame, target / "table", text, shown=with_spread(frame))
     written += write_claims(claims, target, table.no_claims)
     written += plots(table, frame, rows, configs, target)

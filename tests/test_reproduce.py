@@ -1,11 +1,14 @@
 """`lctrun reproduce`: table definitions, smoke-scale tables end to end, and the run cache."""
 
+import math
+
 import pandas as pd
 import pytest
 
 from lctrun.config import load_experiment
 from lctrun.errors import ConfigError, LctrunError
-from lctrun.reproduce import check_table, load_table, reproduce, run_cached, table_names
+from lctrun.reporting.claims import last3_move
+from lctrun.reproduce import check_table, convergence_curve, load_table, reproduce, run_cached, table_names
 
 TINY = [
     "data.name=fake",
@@ -268,3 +271,23 @@ def test_a_pilot_with_fewer_seeds_runs_those_and_says_so_in_its_folder(tmp_path,
     assert "one seed" in (tmp_path / "out" / "pilot-smoke-seeds-1" / "table.md").read_text()
     with pytest.raises(ConfigError, match="--seeds 0: give at least 1"):
         reproduce("pilot", "smoke", tmp_path / "out", seeds=0)
+
+
+def test_a_serial_parallel_hybrid_run_converges_over_its_cycle_ends():
+    # four cycles of one parallel and one serial epoch: the parallel epochs dip by 0.5, the cycle ends stay flat
+    accs = [80.0, 97.0, 97.9, 98.4, 97.9, 98.45, 97.95, 98.4]
+    sph = [
+        {"epoch": e, "phase": p, "test_acc": a}
+        for e, (p, a) in enumerate(zip(["parallel", "serial"] * 4, accs, strict=True), 1)
+    ]
+    assert convergence_curve(sph) == {1: 97.0, 2: 98.4, 3: 98.45, 4: 98.4}
+    assert last3_move([convergence_curve(sph)]) == pytest.approx(0.05)
+    # the same accuracies without the phases: every epoch counts, and the dips are movement
+    plain = [{"epoch": r["epoch"], "test_acc": r["test_acc"]} for r in sph]
+    assert convergence_curve(plain) == {e: a for e, a in enumerate(accs, 1)}
+    assert last3_move([convergence_curve(plain)]) == pytest.approx(0.5)
+    # penalty without SPH runs only parallel epochs: judged per epoch; a cycle end without a test accuracy is a gap
+    assert convergence_curve([{**r, "phase": "parallel"} for r in plain]) == convergence_curve(plain)
+    gap = [dict(r) for r in sph]
+    del gap[5]["test_acc"]
+    assert math.isnan(last3_move([convergence_curve(gap)]))
