@@ -229,12 +229,15 @@ def convergence_curve(rows: list[dict]) -> dict[int, float]:
     both phases) per cycle, at the end of each cycle's serial phase. An SPH run's model is what a serial phase
     delivers; its parallel epochs dip and recover by design, so only cycle ends are comparable points
     (docs/methods.md section 10)."""
-    scored = [r for r in rows if isinstance(r.get("test_acc"), (int, float))]
+
+    def scored(r: dict) -> bool:
+        return isinstance(r.get("test_acc"), (int, float))
+
     if is_sph(rows):
         nxt = [r.get("phase") for r in rows[1:]] + [None]
         ends = [r for r, after in zip(rows, nxt, strict=True) if r.get("phase") == "serial" and after != "serial"]
-        return {cycle: r["test_acc"] for cycle, r in enumerate(ends, 1) if r in scored}
-    return {r["epoch"]: r["test_acc"] for r in scored}
+        return {cycle: r["test_acc"] for cycle, r in enumerate(ends, 1) if scored(r)}
+    return {r["epoch"]: r["test_acc"] for r in rows if scored(r)}
 
 
 def measure(run_dir: Path) -> dict:
