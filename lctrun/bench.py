@@ -1,7 +1,8 @@
 """`lctrun bench`: throughput and memory of bp and of the local methods, measured side by side.
 
 Every configuration runs in fresh worker processes (so each has its own memory baseline) on fake
-data: warm-up steps first, then timed steps, `repeats` times; the table gives the median throughput and
+data: warm-up steps first, then timed steps, in `repeats` rounds over every row (a slow spell of a shared
+machine lands on one round of every row, not on all of a few rows); the table gives the median throughput and
 its spread ((max - min) / median), and marks a configuration noisy when the spread passes NOISY. Each
 method on K workers runs on its own cut: the one given, or the one model.balance=time chooses for it,
 its critic or auxiliary net included (measured by its first row), since a practitioner would balance
@@ -205,19 +206,29 @@ def bench(
     check_bench_input(model, groups, steps, warmup, methods, split, shape, repeats, schedules, microbatches, depths)
     base = bench_base(model, groups, batch, shape, warmup + steps, device, overrides, split)
     queue = [(row, None) for row in bench_rows(methods, groups, cores, schedules, microbatches, batch, depths)]
-    records, cuts = [], {}  # method -> its cut, measured by its first row on K workers
-    while queue:
+    measured, cuts = [], {}  # [row, its config, its repeats' results]; method -> its cut, from its first row
+    while queue:  # round 1: every row once; the layer-serial references join as their cuts become known
         row, cut = queue.pop(0)
         cut = (cut or split or cuts.get(row.method)) if row.on_cut else None  # one worker or replicas: no cut
-        console.print(f"[bold]{row.label}[/] ...")
-        result, cfg, chosen = measure_row(row, base, cut, warmup, steps, repeats, console)
-        if row.on_cut and not cut:
-            cuts[row.method] = chosen
-        records.append(record(row.label, result, cfg, cores))
-        serial_cuts = {r["cut"] for r in records if r["config"].startswith("bp model-parallel")}
+        console.print(f"[bold]{row.label}[/]" + (f" (round 1 of {repeats})" if repeats > 1 else "") + " ...")
+        cfg = row_config(row, base, cut)
+        result = measure_once(row, cfg, warmup, steps, console)
+        if row.on_cut and not cut:  # the first run chose the cut (timed); the other rounds run on it
+            cuts[row.method] = result["cut"].split(",")
+            cfg = row_config(row, base, cuts[row.method])
+        measured.append((row, cfg, [result]))
+        serial_cuts = {r[2][0]["cut"] for r in measured if r[0].label.startswith("bp model-parallel")}
         last_of_method = not queue or queue[0][0].method != row.method
         if "bp" in methods and last_of_method and result["cut"] not in serial_cuts | {"-"}:
-            queue.insert(0, (layer_serial_row(row.method, groups), chosen))  # the layer-serial reference
+            reference = layer_serial_row(row.method, groups)  # model-parallel bp on this method's cut
+            queue.insert(0, (reference, result["cut"].split(",")))
+    # the other rounds run every row again, in the same order: a slow spell of a shared machine then falls on
+    # one round of every row (which the median drops), not on every repeat of a few neighbouring rows
+    for round_ in range(2, repeats + 1):
+        for row, cfg, results in measured:
+            console.print(f"[bold]{row.label}[/] (round {round_} of {repeats}) ...")
+            results.append(measure_once(row, cfg, warmup, steps, console))
+    records = [record(row.label, at_median(results), cfg, cores) for row, cfg, results in measured]
     frame = with_ratios(pd.DataFrame(records), cores)
     cut_text = ", ".join(f"{m} {','.join(c)}" for m, c in cuts.items()) or ",".join(split or []) or "-"
     setting = dict(model=model, groups=groups, batch=batch, shape=shape, device=device, steps=steps, warmup=warmup)
@@ -250,24 +261,22 @@ def bench_base(model, groups, batch, shape, steps, device, overrides, split) -> 
     return base + ([f"model.split=[{','.join(split)}]"] if split else [])
 
 
-def measure_row(row: BenchRow, base: list[str], cut, warmup: int, steps: int, repeats: int, console):
-    """(the repeat at the median speed with "speeds" and "spread" added, its config, the cut it ran on). Without
-    a cut, the first repeat chooses the method's (timed) and the others run on it."""
+def row_config(row: BenchRow, base: list[str], cut: list[str] | None):
+    return load_experiment(None, base + list(row.overrides) + ([f"model.split=[{','.join(cut)}]"] if cut else []))
 
-    def config_of(cut: list[str] | None):
-        return load_experiment(None, base + list(row.overrides) + ([f"model.split=[{','.join(cut)}]"] if cut else []))
 
-    cfg = config_of(cut)
+def measure_once(row: BenchRow, cfg, warmup: int, steps: int, console) -> dict:
+    """One run of a row in fresh worker processes: seconds and samples of its timed steps, its workers' stats
+    and the cut it ran on (without one in `cfg`, the cut model.balance=time chose)."""
     job = TorchPipelineJob(warmup, steps, cfg.pipeline.microbatches) if row.placement == "torch alone" else None
-    results = []
-    for _ in range(repeats):
-        results.append(spawn_workers(cfg, job or BenchJob(warmup, steps), console=console))
-        if row.on_cut and not cut:
-            cut = results[0]["cut"].split(",")
-            cfg = config_of(cut)
+    return spawn_workers(cfg, job or BenchJob(warmup, steps), console=console)
+
+
+def at_median(results: list[dict]) -> dict:
+    """The repeat at the median speed, with the median and the spread of the repeats."""
     median, spread = median_and_spread([r["samples"] / r["seconds"] for r in results])
-    result = min(results, key=lambda r: abs(r["samples"] / r["seconds"] - median))  # a repeat at the median
-    return {**result, "median": median, "spread": spread}, cfg, cut
+    result = min(results, key=lambda r: abs(r["samples"] / r["seconds"] - median))
+    return {**result, "median": median, "spread": spread}
 
 
 def record(label: str, result: dict, cfg, cores: int) -> dict:
