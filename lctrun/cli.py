@@ -130,7 +130,7 @@ def bench(
     split: str = typer.Option("", help="Cut points, comma separated (default: balanced by measured time)."),
     steps: int = typer.Option(20, help="Timed steps per configuration."),
     warmup: int = typer.Option(3, help="Warm-up steps, not timed."),
-    repeats: int = typer.Option(3, help="Runs per configuration (fresh processes), in rounds over every row; the median is shown."),
+    repeats: int = typer.Option(3, help="Runs per row (fresh processes), in rounds over all rows; median shown."),
     depths: str = typer.Option("1,2", help="pipeline_depth of the local methods: one row per depth."),
     schedules: str = typer.Option("gpipe,1f1b", help="Pipelined bp rows (with bp in --methods); '' for none."),
     microbatches: str = typer.Option("2,4,8", help="Micro-batches M of the pipelined bp rows."),
