@@ -112,3 +112,15 @@ def test_the_check_sets_each_bench_row_beside_its_projection_on_the_cut_it_measu
     assert {"bp 1 device", "bp data-parallel, 2 devices", "lct 2 devices, depth 1"} <= set(measured.index)
     assert (measured["ratio"] == (measured["projected_samples_per_s"] / 100.0).round(3)).all()
     assert "projected beside measured" in (tmp_path / "check.md").read_text()
+
+
+def test_the_profile_keeps_each_blocks_fastest_round():
+    """Rounds over the sizes: each block keeps its fastest forward, backward and step, whichever round gave it."""
+    from lctrun.projection.profile import BlockProfile, fastest
+
+    slow_spell = [BlockProfile(2.0, 4.0, 1.0, 8, 16, 32), BlockProfile(1.0, 2.0, 0.5, 8, 16, 32)]
+    quiet = [BlockProfile(1.0, 3.0, 2.0, 8, 16, 32), BlockProfile(1.5, 1.0, 0.5, 8, 16, 32)]
+    assert fastest(slow_spell, quiet) == [
+        BlockProfile(1.0, 3.0, 1.0, 8, 16, 32),
+        BlockProfile(1.0, 1.0, 0.5, 8, 16, 32),
+    ]
