@@ -73,8 +73,10 @@ def test_the_check_sets_each_bench_row_beside_its_projection_on_the_cut_it_measu
     lct on a cut of its own (conv1, where the profile would not put it); the check projects lct there, matches
     every row by name and writes the bench's tables to OUT-bench/."""
     import pandas as pd
+    import torch
 
     import lctrun.bench
+    import lctrun.projection.colocation
     from lctrun.bench_rows import layer_serial_row
 
     calls = []
@@ -89,21 +91,28 @@ def test_the_check_sets_each_bench_row_beside_its_projection_on_the_cut_it_measu
         return pd.DataFrame({"config": [r.label for r in rows], "cut": cuts, "samples_per_s": 100.0})
 
     monkeypatch.setattr(lctrun.bench, "bench", bench)
+    factors = iter([1.4, 1.6])  # before and after the bench: the timeline takes their mean
+    monkeypatch.setattr(lctrun.projection.colocation, "slowdown", lambda *args: next(factors))
     out = tmp_path / "check"
-    frame = project(
-        "cnn-small",
-        [2],
-        batch=16,
-        shape=(1, 28, 28),
-        methods=["bp", "lct"],
-        depths=[1],
-        schedules=["gpipe"],
-        microbatches=[2],
-        links=["pcie4"],
-        repeats=1,
-        out=out,
-        measure=True,
-    )
+    threads = torch.get_num_threads()
+    try:
+        frame = project(
+            "cnn-small",
+            [2],
+            batch=16,
+            shape=(1, 28, 28),
+            methods=["bp", "lct"],
+            depths=[1],
+            schedules=["gpipe"],
+            microbatches=[2],
+            links=["pcie4"],
+            threads=1,  # one thread per device: the two cores as two devices, which may slow each other
+            repeats=1,
+            out=out,
+            measure=True,
+        )
+    finally:
+        torch.set_num_threads(threads)
     assert calls == [tmp_path / "check-bench"]
     rows = frame.set_index("config")
     assert rows.loc["lct 2 devices, depth 1", "cut"] == "conv1" == rows.loc["lct 2 devices, depth 1", "measured_cut"]
@@ -112,6 +121,12 @@ def test_the_check_sets_each_bench_row_beside_its_projection_on_the_cut_it_measu
     assert {"bp 1 device", "bp data-parallel, 2 devices", "lct 2 devices, depth 1"} <= set(measured.index)
     assert (measured["ratio"] == (measured["projected_samples_per_s"] / 100.0).round(3)).all()
     assert "projected beside measured" in (tmp_path / "check.md").read_text()
+    # on shared cores: the replicas compute in lockstep and feel all of the 1.5x, model-parallel bp none of it
+    shared = rows["projected_on_shared_cores_samples_per_s"] / rows["projected_samples_per_s"]
+    assert shared["bp 1 device"] == 1.0 and abs(shared["bp model-parallel, 2 devices"] - 1.0) < 1e-3
+    assert abs(shared["bp data-parallel, 2 devices"] - 1 / 1.5) < 0.01
+    assert 1 / 1.5 - 0.01 < shared["bp gpipe M=2, 2 devices"] < 1.0  # its stages overlap part of the time
+    assert "K=2: 1.500x" in (tmp_path / "check.md").read_text()
 
 
 def test_the_profile_keeps_each_blocks_fastest_round():
@@ -124,3 +139,11 @@ def test_the_profile_keeps_each_blocks_fastest_round():
         BlockProfile(1.0, 3.0, 1.0, 8, 16, 32),
         BlockProfile(1.0, 1.0, 0.5, 8, 16, 32),
     ]
+
+
+def test_colocated_workers_are_timed_alone_and_together():
+    """The factor's two halves run for real (spawned workers on a tiny model): every worker reports a step time."""
+    from lctrun.projection.colocation import slowdown, together_ms
+
+    assert all(ms > 0 for ms in together_ms("cnn-small", (1, 28, 28), 8, 2, steps=2))
+    assert slowdown("cnn-small", (1, 28, 28), 8, 2, steps=2) > 0

@@ -6,9 +6,11 @@ import pytest
 
 from lctrun.projection.timeline import (
     FREE,
+    Compute,
     Link,
     StageCost,
     Timeline,
+    colocated,
     data_parallel_bp,
     device_of,
     layer_parallel,
@@ -118,3 +120,19 @@ def test_a_schedule_that_cannot_run_is_reported():
 
     with pytest.raises(RuntimeError, match="deadlocks"):
         Timeline().play({0: [Compute("a", 1.0, ("b",))], 1: [Compute("b", 1.0, ("a",))]})
+
+
+def test_colocated_devices_slow_each_other_only_while_both_compute():
+    """Two devices of one machine: a Compute runs `slowdown` times slower while the other computes."""
+    both = {0: [Compute("a", 1.0)], 1: [Compute("b", 1.0)]}
+    assert math.isclose(makespan(both, FREE, 1.2), 1.2, rel_tol=1e-6)  # side by side all along
+    short = {0: [Compute("a", 1.0)], 1: [Compute("b", 0.5)]}
+    # b: 0.5 s of work at 1/1.2 -> 0.6 s; a: 0.5 s of its work done in those 0.6 s, then 0.5 s alone
+    timeline = colocated(short, FREE, 1.2)
+    assert math.isclose(timeline.play(short), 1.1, rel_tol=1e-6)
+    assert math.isclose(timeline.done["b"], 0.6, rel_tol=1e-6)
+    stages = [StageCost(1.0, 2.0, optimizer=0.5), StageCost(1.5, 2.5)]
+    chain = layer_serial_bp(stages, 3)  # model-parallel bp: one device computes at a time
+    assert math.isclose(makespan(chain, FREE, 1.5), makespan(chain), rel_tol=1e-9)
+    per_batch = steady_seconds_per_batch(lambda n: data_parallel_bp([StageCost(1.0, 2.0)], 2, n), FREE, slowdown=1.1)
+    assert math.isclose(per_batch, 1.1 * 3.0, rel_tol=1e-6)  # replicas in lockstep feel all of it

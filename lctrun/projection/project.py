@@ -103,31 +103,37 @@ def choose_cut(prof: Profile, batch: int, k: int, method: str) -> list[int]:
     return balanced_cuts(costs, k, end)
 
 
-def seconds_per_batch(plan: Plan, prof: Profile, link: Link) -> float:
+def seconds_per_batch(plan: Plan, prof: Profile, link: Link, slowdown: float = 1.0) -> float:
+    """Steady seconds per batch of the plan's schedule; `slowdown`: devices that are cores of one machine compute
+    that many times slower while another computes (timeline.colocated)."""
     cfg, batch = plan.cfg, plan.cfg.data.batch_size
     method = cfg.method
+
+    def steady(build) -> float:
+        return steady_seconds_per_batch(build, link, slowdown=slowdown)
+
     if plan.devices == 1:
-        return steady_seconds_per_batch(lambda n: layer_serial_bp(stage_costs(prof, batch, []), n), link)
+        return steady(lambda n: layer_serial_bp(stage_costs(prof, batch, []), n))
     if cfg.data_parallel:
         blocks = stage_costs(prof, -(-batch // plan.devices), list(range(len(prof.names) - 1)))
-        return steady_seconds_per_batch(lambda n: data_parallel_bp(blocks, plan.devices, n), link)
+        return steady(lambda n: data_parallel_bp(blocks, plan.devices, n))
     if method == "bp" and cfg.pipeline.schedule != "none":
         m = cfg.pipeline.microbatches
         stages = stage_costs(prof, batch // m, plan.cut)
         optim = stage_costs(prof, batch, plan.cut)  # the step is per batch, whatever the micro-batch
         stages = [replace(s, optimizer=o.optimizer) for s, o in zip(stages, optim, strict=True)]
-        return steady_seconds_per_batch(lambda n: pipelined_bp(stages, m, n, cfg.pipeline.schedule), link)
+        return steady(lambda n: pipelined_bp(stages, m, n, cfg.pipeline.schedule))
     stages = stage_costs(prof, batch, plan.cut, method)
     if method in LOCAL:
         loss_bytes = 4 * batch
-        return steady_seconds_per_batch(lambda n: local_method(stages, method, cfg.pipeline_depth, n, loss_bytes), link)
+        return steady(lambda n: local_method(stages, method, cfg.pipeline_depth, n, loss_bytes))
     if method in ("penalty", "al"):
         depth = max(cfg.pipeline_depth, 4)
         down = cfg.layerpar.downsample
         shapes = [prof.out_shapes[i] for i in plan.cut]
         sent = [batch * 4 * math.prod(s) / (down**2 if len(s) == 3 else 1) for s in shapes]
-        return steady_seconds_per_batch(lambda n: layer_parallel(stages, depth, n, sent), link)
-    return steady_seconds_per_batch(lambda n: layer_serial_bp(stages, n), link)
+        return steady(lambda n: layer_parallel(stages, depth, n, sent))
+    return steady(lambda n: layer_serial_bp(stages, n))
 
 
 def memory_mb(plan: Plan, prof: Profile, samples: int) -> list[float]:
@@ -229,11 +235,15 @@ def project(
         f"profiling {model} on {device} with {torch.get_num_threads()} threads, batch sizes {sorted(set(sizes))}"
     )
     prof = profile(net, sample, sizes, [m for m in methods if m != "bp"], cfg0.critic, cfg0.data.num_classes, repeats)
+    slowdowns: dict[int, float] = {}  # K -> how much K workers sharing this machine's cores slow each other
     if measure:
         bench_dir = Path(f"{out}-bench") if out is not None else Path("results/bench/projection-check-bench")
+        before = colocation_slowdowns(model, shape, batch, groups, threads, device, console)
         measured = measured_rows(
             model, groups, batch, shape, methods, depths, schedules, microbatches, overrides, threads, bench_dir
         ).set_index(["K", "config"])
+        after = colocation_slowdowns(model, shape, batch, groups, threads, device, console)
+        slowdowns = {k: (before[k] + after[k]) / 2 for k in before}  # the bench ran between the two
     rows = []
     for link in link_list:
         for k in groups:
@@ -243,17 +253,19 @@ def project(
                     plan = on_cut(plan, measured.loc[(k, plan.label), "measured_cut"], prof.names)
                 seconds = seconds_per_batch(plan, prof, link)
                 mem = memory_mb(plan, prof, samples)
-                rows.append(
-                    {
-                        "link": link.name.split()[0],
-                        "K": k,
-                        "config": plan.label,
-                        "cut": ",".join(prof.names[i] for i in plan.cut) or "-",
-                        "projected_samples_per_s": batch / seconds,
-                        "projected_mem_mb_per_device": "/".join(f"{m:.0f}" for m in mem),
-                        "projected_max_mem_mb": max(mem),
-                    }
-                )
+                row = {
+                    "link": link.name.split()[0],
+                    "K": k,
+                    "config": plan.label,
+                    "cut": ",".join(prof.names[i] for i in plan.cut) or "-",
+                    "projected_samples_per_s": batch / seconds,
+                    "projected_mem_mb_per_device": "/".join(f"{m:.0f}" for m in mem),
+                    "projected_max_mem_mb": max(mem),
+                }
+                if k in slowdowns:
+                    shared = seconds_per_batch(plan, prof, link, slowdowns[k] if plan.devices > 1 else 1.0)
+                    row["projected_on_shared_cores_samples_per_s"] = batch / shared
+                rows.append(row)
     frame = pd.DataFrame(rows)
     bp = frame[frame["config"].str.startswith("bp ")]
     best = bp.groupby(["link", "K"])["projected_samples_per_s"].max()
@@ -265,6 +277,9 @@ def project(
     if measure:
         frame = frame.merge(measured.reset_index(), on=["K", "config"], how="left")
         frame["ratio"] = frame["projected_samples_per_s"] / frame["measured_samples_per_s"]
+        if slowdowns:
+            shared = frame["projected_on_shared_cores_samples_per_s"]
+            frame["ratio_on_shared_cores"] = shared / frame["measured_samples_per_s"]
     frame = frame.round(3)
     title = (
         f"PROJECTION of K devices like this one ({device}, {torch.get_num_threads()} threads each): {model}, "
@@ -279,6 +294,8 @@ def project(
             frame["measured_samples_per_s"],
             frame["ratio"],
         )
+        if slowdowns:
+            shown["on shared cores / measured"] = frame["ratio_on_shared_cores"]
     console.print(rich_table(shown, title=title))
     if out is not None:
         from lctrun.reporting.rundir import git_commit, hardware_tag
@@ -297,6 +314,14 @@ def project(
                 "ratio = projected / measured samples/s. A row without a measurement is one the bench did not run "
                 "(a layer-serial reference on a cut no method measured)."
             )
+            if slowdowns:
+                factors = ", ".join(f"K={k}: {f:.3f}x" for k, f in slowdowns.items())
+                text += (
+                    " projected_on_shared_cores: the same timeline with the K devices as cores of this machine, "
+                    "each computing slower while another computes, by the factor measured before and after the "
+                    f"bench (lctrun/projection/colocation.py; mean of the two): {factors}; ratio_on_shared_cores "
+                    "= it / measured. The projection of separate devices is projected_samples_per_s."
+                )
         paths = write_table(frame, Path(out), text)
         console.print(f"written: {', '.join(map(str, paths))}")
     for link in link_list:
@@ -307,6 +332,21 @@ def project(
         "saved activations x in flight, auxiliary variables). x best bp: against the fastest projected bp row."
     )
     return frame
+
+
+def colocation_slowdowns(model, shape, batch, groups, threads, device, console) -> dict[int, float]:
+    """K -> how many times slower K one-thread workers on this machine step at once than one alone (a batch of
+    batch / K each, as the data-parallel replicas run), for the K that fit its cores one thread each; none when
+    the profiled device is not a CPU core or has more than one thread."""
+    from lctrun.projection.colocation import slowdown
+
+    cores = os.cpu_count() or 1
+    if device != "cpu" or threads != 1:
+        return {}
+    factors = {k: slowdown(model, tuple(shape), -(-batch // k), k) for k in groups if k <= cores}
+    for k, factor in factors.items():
+        console.print(f"K={k} one-thread workers stepping at once: {factor:.3f}x as slow as one alone")
+    return factors
 
 
 def measured_rows(

@@ -7,6 +7,9 @@ is busy for bytes / bandwidth (one message after another, each direction its own
 later; the sender goes on at once (isend). A program may belong to a stream that does not compute (a
 communication thread: data-parallel all-reduce), so its waits do not stall the device's compute.
 
+Devices that are cores of one machine may slow each other while they compute at the same time (`colocated`,
+a measured factor); separate devices do not, and that is the default.
+
 The schedules below build the programs of each training configuration lctrun runs, from per-stage costs of one
 batch (or micro-batch): layer-serial bp, GPipe and 1F1B, data-parallel bp with a ring all-reduce, lct/dgl/dni at
 pipeline depth D, and the parallel phase of penalty/al. They follow the order of lctrun's code (the runtime in
@@ -55,6 +58,7 @@ class Timeline:
     """Plays programs {program: [operations]}; a program runs on device `device_of(program)`."""
 
     link: Link = FREE
+    seconds: dict = field(default_factory=dict)  # Compute name -> its seconds, where not the operation's own
     done: dict = field(default_factory=dict)  # event -> time
     spans: list = field(default_factory=list)  # (device, name, start, end) of every Compute
 
@@ -74,7 +78,7 @@ class Timeline:
                     ready = max([busy.get(program, 0.0), *(self.done[n] for n in op.needs)])
                     if isinstance(op, Compute):
                         start = max(ready, busy.get(device, 0.0))
-                        end = busy[device] = busy[program] = start + op.seconds
+                        end = busy[device] = busy[program] = start + self.seconds.get(op.name, op.seconds)
                         self.spans.append((device, op.name, start, end))
                         self.done[op.name] = end
                     else:
@@ -266,12 +270,47 @@ def layer_parallel(stages: list[StageCost], depth: int, batches: int, target_byt
     return programs
 
 
-def makespan(programs: dict, link: Link = FREE) -> float:
-    return Timeline(link).play(programs, device_of)
+def makespan(programs: dict, link: Link = FREE, slowdown: float = 1.0) -> float:
+    return colocated(programs, link, slowdown).play(programs, device_of)
 
 
-def steady_seconds_per_batch(build, link: Link = FREE, batches: int = 12) -> float:
+def busy_elsewhere(spans: list, device, start: float, end: float) -> float:
+    """Seconds within [start, end] during which a device other than `device` computes."""
+    others = sorted((max(s, start), min(e, end)) for d, _, s, e in spans if d != device and s < end and e > start)
+    covered, reach = 0.0, start
+    for s, e in others:
+        if e > reach:
+            covered += e - max(s, reach)
+            reach = e
+    return covered
+
+
+def colocated(programs: dict, link: Link = FREE, slowdown: float = 1.0, rounds: int = 50) -> Timeline:
+    """A timeline whose devices share one machine: a Compute runs `slowdown` times slower while another device
+    computes (cores of one CPU contending for its caches and memory bandwidth). Played to a fixed point: each
+    round gives every Compute its work at full speed outside the overlap the previous round found and at
+    1/slowdown inside it (stretching one by s seconds stretches the others by at most s (1 - 1/slowdown), so
+    the rounds settle). slowdown = 1: separate devices, one play."""
+    timeline = Timeline(link)
+    if slowdown == 1.0:
+        return timeline
+    base = {op.name: op.seconds for ops in programs.values() for op in ops if isinstance(op, Compute)}
+    for _ in range(rounds):
+        trial = Timeline(link, dict(timeline.seconds))
+        trial.play(programs, device_of)
+        stretched = {  # its work at full speed outside the overlap, at 1/slowdown inside it
+            name: base[name] + busy_elsewhere(trial.spans, device, start, end) * (1 - 1 / slowdown)
+            for device, name, start, end in trial.spans
+        }
+        settled = all(abs(stretched[n] - trial.seconds.get(n, base[n])) <= 1e-9 * (1 + base[n]) for n in stretched)
+        timeline = Timeline(link, stretched)
+        if settled:
+            break
+    return timeline
+
+
+def steady_seconds_per_batch(build, link: Link = FREE, batches: int = 12, slowdown: float = 1.0) -> float:
     """Seconds per batch once the pipeline is full: the difference between `batches` and batches // 2 batches
     (build(n) gives the programs of n batches), so that filling and draining cancel."""
     half = batches // 2
-    return (makespan(build(batches), link) - makespan(build(half), link)) / (batches - half)
+    return (makespan(build(batches), link, slowdown) - makespan(build(half), link, slowdown)) / (batches - half)
