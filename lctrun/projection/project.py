@@ -336,8 +336,8 @@ def project(
 
 def colocation_slowdowns(model, shape, batch, groups, threads, device, console) -> dict[int, float]:
     """K -> how many times slower K one-thread workers on this machine step at once than one alone (a batch of
-    batch / K each, as the data-parallel replicas run), for the K that fit its cores one thread each; none when
-    the profiled device is not a CPU core or has more than one thread."""
+    batch / K each, as the data-parallel replicas run; fp32, whatever the overrides), for the K that fit its
+    cores one thread each; none when the profiled device is not a CPU core or has more than one thread."""
     from lctrun.projection.colocation import slowdown
 
     cores = os.cpu_count() or 1
