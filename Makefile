@@ -18,7 +18,7 @@ demo: venv
 	$(BIN)/lctrun compare experiments/demo-fashion.yaml --methods bp,lct@distributed,dgl@distributed
 
 test: venv
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15  # the slowest tests, in every run: the suite must stay well under 15 min
 
 test-fast: venv
 	$(BIN)/pytest -q -m "not slow"
