@@ -32,7 +32,7 @@ def test_bench_measures_every_configuration(tmp_path):
         methods=["bp", "lct"],
         steps=3,
         warmup=1,
-        repeats=2,
+        repeats=1,  # the rounds and the median: test_a_slow_spell_lands_on_one_round_of_every_row, without workers
         schedules=["gpipe"],
         microbatches=[2],
         depths=[1],
