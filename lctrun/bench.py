@@ -217,7 +217,7 @@ def bench(
             cuts[row.method] = result["cut"].split(",")
             cfg = row_config(row, base, cuts[row.method])
         measured.append((row, cfg, [result]))
-        serial_cuts = {r[2][0]["cut"] for r in measured if r[0].label.startswith("bp model-parallel")}
+        serial_cuts = {runs[0]["cut"] for done, _, runs in measured if done.label.startswith("bp model-parallel")}
         last_of_method = not queue or queue[0][0].method != row.method
         if "bp" in methods and last_of_method and result["cut"] not in serial_cuts | {"-"}:
             reference = layer_serial_row(row.method, groups)  # model-parallel bp on this method's cut

@@ -263,7 +263,7 @@ def project(
                     "projected_max_mem_mb": max(mem),
                 }
                 if k in slowdowns:
-                    shared = seconds_per_batch(plan, prof, link, slowdowns[k] if plan.devices > 1 else 1.0)
+                    shared = seconds_per_batch(plan, prof, link, slowdowns[k])  # one device: nothing beside it
                     row["projected_on_shared_cores_samples_per_s"] = batch / shared
                 rows.append(row)
     frame = pd.DataFrame(rows)
