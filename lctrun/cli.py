@@ -185,7 +185,9 @@ def project(
     threads: int = typer.Option(0, help="Threads of the profiled device (0: torch's default)."),
     device: str = typer.Option("cpu", help="Device to profile: cpu or cuda."),
     samples: int = typer.Option(50000, help="Training samples (penalty/al auxiliary variables)."),
-    repeats: int = typer.Option(2, help="Timings per block (the best is kept)."),
+    repeats: int = typer.Option(
+        2, help="Rounds of block timings (each block's best kept); with --measure also the bench's runs per row."
+    ),
     overrides: list[str] = typer.Argument(None, help="Extra KEY=VALUE overrides, e.g. critic.pool=4."),
     out: Path = typer.Option(None, "--out", help="Also write the table here (OUT.csv, OUT.md)."),
     measure: bool = typer.Option(

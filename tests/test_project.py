@@ -82,7 +82,7 @@ def test_the_check_sets_each_bench_row_beside_its_projection_on_the_cut_it_measu
     calls = []
 
     def bench(model, k, batch, shape, methods, split, out_dir=None, **kwargs):
-        calls.append(out_dir)
+        calls.append((out_dir, kwargs["repeats"]))
         rows = bench_rows(
             methods, k, os.cpu_count(), kwargs["schedules"], kwargs["microbatches"], batch, kwargs["depths"]
         )
@@ -113,7 +113,7 @@ def test_the_check_sets_each_bench_row_beside_its_projection_on_the_cut_it_measu
         )
     finally:
         torch.set_num_threads(threads)
-    assert calls == [tmp_path / "check-bench"]
+    assert calls == [(tmp_path / "check-bench", 1)]  # the bench runs each row as many times as the profile
     rows = frame.set_index("config")
     assert rows.loc["lct 2 devices, depth 1", "cut"] == "conv1" == rows.loc["lct 2 devices, depth 1", "measured_cut"]
     assert rows.loc["bp gpipe M=2, 2 devices", "cut"] == "conv2"
@@ -139,6 +139,25 @@ def test_the_profile_keeps_each_blocks_fastest_round():
         BlockProfile(1.0, 3.0, 1.0, 8, 16, 32),
         BlockProfile(1.0, 1.0, 0.5, 8, 16, 32),
     ]
+
+
+def test_the_profile_takes_no_gradient_of_the_data():
+    """Training stops its backward at the first block's weights; every later block sends a gradient back."""
+    import torch
+    from torch import nn
+
+    from lctrun.projection.profile import profile_blocks
+
+    class Recorder(nn.Linear):
+        def forward(self, x):
+            self.seen.add(x.requires_grad)
+            return super().forward(x)
+
+    blocks = [(name, Recorder(4, 4)) for name in ("first", "second")]
+    for _, block in blocks:
+        block.seen = set()
+    profile_blocks(blocks, [torch.randn(8, 4)], repeats=1)
+    assert blocks[0][1].seen == {False} and blocks[1][1].seen == {True}
 
 
 def test_colocated_workers_are_timed_alone_and_together():

@@ -60,12 +60,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_module(module: nn.Module, xs: list[torch.Tensor], loss_of, optimizer, repeats: int) -> tuple:
+def time_module(
+    module: nn.Module, xs: list[torch.Tensor], loss_of, optimizer, repeats: int, input_grad: bool = True
+) -> tuple:
     """Best-of-`repeats` seconds per input of the forward, the backward (from `loss_of(output)`, into the input
-    too) and the optimiser step; the bytes autograd saves for one input; the outputs. The inputs `xs` are the
-    micro-batches of one batch, run as a pipeline runs them: every forward, then every backward, with every
-    micro-batch's activations alive (timing one small batch over and over, from warm caches, is optimistic)."""
-    xs = [x.detach().requires_grad_(x.is_floating_point()) for x in xs]
+    too where `input_grad`) and the optimiser step; the bytes autograd saves for one input; the outputs. The
+    inputs `xs` are the micro-batches of one batch, run as a pipeline runs them: every forward, then every
+    backward, with every micro-batch's activations alive (timing one small batch over and over, from warm caches,
+    is optimistic)."""
+    xs = [x.detach().requires_grad_(input_grad and x.is_floating_point()) for x in xs]
 
     def forward() -> list[torch.Tensor]:
         outs = [module(x) for x in xs]
@@ -97,10 +100,11 @@ def sgd(params) -> torch.optim.Optimizer:
 def profile_blocks(blocks: list[tuple[str, nn.Module]], xs: list[torch.Tensor], repeats: int) -> list[BlockProfile]:
     """Every block on the micro-batches `xs` of one batch (a list of one: the whole batch), per micro-batch."""
     out = []
-    for _, block in blocks:
+    for i, (_, block) in enumerate(blocks):
         buffers = {k: v.clone() for k, v in block.state_dict().items()}  # timing must not move BN statistics
         params = [p for p in block.parameters() if p.requires_grad]
-        fwd, bwd, opt, saved, ys = time_module(block, xs, lambda o: o.float().sum(), sgd(params), repeats)
+        # training never takes the gradient of the data: the first block's backward stops at its weights
+        fwd, bwd, opt, saved, ys = time_module(block, xs, lambda o: o.float().sum(), sgd(params), repeats, i > 0)
         block.load_state_dict(buffers)
         out.append(BlockProfile(fwd, bwd, opt if params else 0.0, tensor_bytes(ys[:1]), saved, tensor_bytes(params)))
         xs = ys

@@ -240,7 +240,18 @@ def project(
         bench_dir = Path(f"{out}-bench") if out is not None else Path("results/bench/projection-check-bench")
         before = colocation_slowdowns(model, shape, batch, groups, threads, device, console)
         measured = measured_rows(
-            model, groups, batch, shape, methods, depths, schedules, microbatches, overrides, threads, bench_dir
+            model,
+            groups,
+            batch,
+            shape,
+            methods,
+            depths,
+            schedules,
+            microbatches,
+            overrides,
+            threads,
+            repeats,
+            bench_dir,
         ).set_index(["K", "config"])
         after = colocation_slowdowns(model, shape, batch, groups, threads, device, console)
         slowdowns = {k: (before[k] + after[k]) / 2 for k in before}  # the bench ran between the two
@@ -350,7 +361,7 @@ def colocation_slowdowns(model, shape, batch, groups, threads, device, console) 
 
 
 def measured_rows(
-    model, groups, batch, shape, methods, depths, schedules, microbatches, overrides, threads, bench_dir: Path
+    model, groups, batch, shape, methods, depths, schedules, microbatches, overrides, threads, repeats, bench_dir: Path
 ):
     """The projection check's other half: `lctrun bench` on this machine (K workers sharing its cores) for each K,
     its rows named as the projection names them (bench_rows: the same row, its label in each): K, config, the
@@ -371,6 +382,7 @@ def measured_rows(
             depths=depths,
             schedules=schedules,
             microbatches=microbatches,
+            repeats=repeats,
             overrides=overrides,
             out_dir=bench_dir,
         )
