@@ -6,7 +6,8 @@ from lctrun.bench_rows import bench_rows
 from lctrun.projection.project import project
 
 
-def test_project_plays_every_bench_row(tmp_path):
+def test_project_plays_every_bench_row(tmp_path, monkeypatch):
+    monkeypatch.setenv("LCTRUN_COMMIT", "c0ffee1")  # as on a lent GPU machine, which gets no .git
     frame = project(
         "cnn-small",
         [2],
@@ -36,7 +37,7 @@ def test_project_plays_every_bench_row(tmp_path):
         assert len(mem["bp model-parallel, 2 devices"].split("/")) == 2
         (al,) = rows[rows["config"].str.startswith("al ")]["projected_max_mem_mb"]
         assert al > rows[rows["config"] == "bp model-parallel, 2 devices"]["projected_max_mem_mb"].item()
-    assert (tmp_path / "projection.csv").exists() and (tmp_path / "projection.md").exists()
+    assert (tmp_path / "projection.csv").exists() and "commit c0ffee1," in (tmp_path / "projection.md").read_text()
 
 
 def test_a_micro_batch_is_profiled_within_its_batch_and_counted_per_micro_batch():
@@ -139,6 +140,15 @@ def test_the_profile_keeps_each_blocks_fastest_round():
         BlockProfile(1.0, 3.0, 1.0, 8, 16, 32),
         BlockProfile(1.0, 1.0, 0.5, 8, 16, 32),
     ]
+
+
+def test_more_devices_than_blocks_is_a_clear_error():
+    import pytest
+
+    from lctrun.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cnn-small has 5 blocks, so at most 5 devices"):
+        project("cnn-small", [2, 8], batch=16, shape=(1, 28, 28), links=["pcie4"], repeats=1)
 
 
 def test_the_profile_takes_no_gradient_of_the_data():

@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 
 from lctrun.bench_rows import bench_rows, layer_serial_row
-from lctrun.config import Experiment, load_experiment
+from lctrun.config import ConfigError, Experiment, load_experiment
 from lctrun.models import build_model
 from lctrun.models.chain import balanced_cuts
 from lctrun.projection.links import link_named
@@ -229,6 +229,12 @@ def project(
     threads = torch.get_num_threads()
     torch.manual_seed(0)
     net = build_model(model, cfg0.data.num_classes, tuple(shape)).to(device)
+    blocks = len(net.named_blocks())
+    if max(groups) > blocks:
+        raise ConfigError(
+            f"--groups {max(groups)}: {model} has {blocks} blocks, so at most {blocks} devices (give --groups up "
+            f"to {blocks})"
+        )
     sample = torch.randn(batch, *shape, device=device)
     sizes = [batch] + [batch // m for m in microbatches if batch % m == 0] + [-(-batch // k) for k in groups]
     console.print(
@@ -313,8 +319,10 @@ def project(
         from lctrun.reporting.tables import write_table
 
         links_text = "; ".join(link.describe() for link in link_list)
+        # a copy without .git (a lent GPU machine gets the working tree alone) is told its commit
+        commit = os.environ.get("LCTRUN_COMMIT") or git_commit()
         text = (
-            f"# {title}\n\nprofiled on {hardware_tag()} ({device}, {threads} threads), commit {git_commit()}, "
+            f"# {title}\n\nprofiled on {hardware_tag()} ({device}, {threads} threads), commit {commit}, "
             f"{pd.Timestamp.now().strftime('%Y-%m-%d')}; precision {cfg0.precision}, memory format "
             f"{cfg0.memory_format}; overrides: {' '.join(overrides or []) or 'none'}; links: {links_text}."
         )
