@@ -1,10 +1,15 @@
 import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# a shell starts a background job (`pytest &`, nohup) with Ctrl-C ignored, and that carries into every child: the
+# tests that press Ctrl-C would see nothing happen. They press it as a terminal would, so take it as one does.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def mnist_root() -> Path | None:
