@@ -89,7 +89,7 @@ def test_the_check_sets_each_bench_row_beside_its_projection_on_the_cut_it_measu
         )
         rows.append(layer_serial_row("lct", k))
         cuts = ["conv1" if r.method == "lct" or "lct's" in r.label else ("conv2" if r.on_cut else "-") for r in rows]
-        return pd.DataFrame({"config": [r.label for r in rows], "cut": cuts, "samples_per_s": 100.0})
+        return pd.DataFrame({"config": [r.label for r in rows], "cut": cuts, "samples_per_s": 100.0, "spread": 0.05})
 
     monkeypatch.setattr(lctrun.bench, "bench", bench)
     factors = iter([1.4, 1.6])  # before and after the bench: the timeline takes their mean
@@ -122,6 +122,7 @@ def test_the_check_sets_each_bench_row_beside_its_projection_on_the_cut_it_measu
     assert {"bp 1 device", "bp data-parallel, 2 devices", "lct 2 devices, depth 1"} <= set(measured.index)
     assert (measured["ratio"] == (measured["projected_samples_per_s"] / 100.0).round(3)).all()
     assert "projected beside measured" in (tmp_path / "check.md").read_text()
+    assert f"of the {len(measured)} the bench measured steadily" in (tmp_path / "check.md").read_text()
     # on shared cores: the replicas compute in lockstep and feel all of the 1.5x, model-parallel bp none of it
     shared = rows["projected_on_shared_cores_samples_per_s"] / rows["projected_samples_per_s"]
     assert shared["bp 1 device"] == 1.0 and abs(shared["bp model-parallel, 2 devices"] - 1.0) < 1e-3
@@ -140,6 +141,24 @@ def test_the_profile_keeps_each_blocks_fastest_round():
         BlockProfile(1.0, 3.0, 1.0, 8, 16, 32),
         BlockProfile(1.0, 1.0, 0.5, 8, 16, 32),
     ]
+
+
+def test_the_check_counts_rows_within_15_percent_overall_and_among_steady_measurements():
+    """A miss on a row whose repeats spread by 20% is the machine's; the count among steady rows is the
+    projection's. 1.15 is within (|ratio - 1| <= 0.15), 0.849 is not; a row the bench did not run counts in neither."""
+    import pandas as pd
+
+    from lctrun.projection.project import within
+
+    frame = pd.DataFrame(
+        {
+            "ratio": [1.0, 1.15, 0.849, 1.3, float("nan")],
+            "measured_spread": [0.02, 0.05, 0.04, 0.2, float("nan")],
+        }
+    )
+    assert within(frame, "ratio") == (
+        "ratio: 2 of 4 measured rows within 15%; of the 3 the bench measured steadily (spread <= 10%), 2"
+    )
 
 
 def test_more_devices_than_blocks_is_a_clear_error():

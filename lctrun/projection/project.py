@@ -298,6 +298,7 @@ def project(
             shared = frame["projected_on_shared_cores_samples_per_s"]
             frame["ratio_on_shared_cores"] = shared / frame["measured_samples_per_s"]
     frame = frame.round(3)
+    agreement = [within(frame, c) for c in ("ratio", "ratio_on_shared_cores") if c in frame] if measure else []
     title = (
         f"PROJECTION of K devices like this one ({device}, {torch.get_num_threads()} threads each): {model}, "
         f"batch {batch}"
@@ -314,6 +315,8 @@ def project(
         if slowdowns:
             shown["on shared cores / measured"] = frame["ratio_on_shared_cores"]
     console.print(rich_table(shown, title=title))
+    for line in agreement:
+        console.print(line)
     if out is not None:
         from lctrun.reporting.rundir import git_commit, hardware_tag
         from lctrun.reporting.tables import write_table
@@ -341,6 +344,7 @@ def project(
                     f"bench (lctrun/projection/colocation.py; mean of the two): {factors}; ratio_on_shared_cores "
                     "= it / measured. The projection of separate devices is projected_samples_per_s."
                 )
+            text += " " + " ".join(f"{line}." for line in agreement)
         paths = write_table(frame, Path(out), text)
         console.print(f"written: {', '.join(map(str, paths))}")
     for link in link_list:
@@ -373,8 +377,8 @@ def measured_rows(
 ):
     """The projection check's other half: `lctrun bench` on this machine (K workers sharing its cores) for each K,
     its rows named as the projection names them (bench_rows: the same row, its label in each): K, config, the
-    cut it ran on, measured samples/s. The bench tables go to `bench_dir` (not results/bench, whose full
-    tables a check's subset of rows would overwrite)."""
+    cut it ran on, measured samples/s and the spread of its repeats. The bench tables go to `bench_dir` (not
+    results/bench, whose full tables a check's subset of rows would overwrite)."""
     from lctrun.bench import bench
 
     cores = os.cpu_count() or 1
@@ -398,9 +402,26 @@ def measured_rows(
         rows += [layer_serial_row(m, k) for m in methods]
         names = {row.label: row.projected_label(threads) for row in rows}
         table["config"] = table["config"].map(names)
-        table = table.dropna(subset=["config"]).assign(K=k)[["K", "config", "cut", "samples_per_s"]]
-        measured.append(table.rename(columns={"cut": "measured_cut", "samples_per_s": "measured_samples_per_s"}))
+        table = table.dropna(subset=["config"]).assign(K=k)[["K", "config", "cut", "samples_per_s", "spread"]]
+        names = {"cut": "measured_cut", "samples_per_s": "measured_samples_per_s", "spread": "measured_spread"}
+        measured.append(table.rename(columns=names))
     return pd.concat(measured)
+
+
+def within(frame: pd.DataFrame, column: str, tolerance: float = 0.15) -> str:
+    """How many measured rows the projection meets within `tolerance`, and how many of those the bench measured
+    steadily (spread of its repeats at most bench.NOISY): a row whose own repeats differ by 20% cannot test a
+    projection to 15%, so the count among steady rows says what the projection does, the other what the machine
+    did."""
+    from lctrun.bench import NOISY
+
+    rows = frame.dropna(subset=[column])
+    ok = (rows[column] - 1).abs() <= tolerance + 1e-9
+    steady = rows["measured_spread"] <= NOISY
+    return (
+        f"{column}: {int(ok.sum())} of {len(rows)} measured rows within {tolerance:.0%}; of the {int(steady.sum())} "
+        f"the bench measured steadily (spread <= {NOISY:.0%}), {int((ok & steady).sum())}"
+    )
 
 
 def on_cut(plan: Plan, cut: str, names: list[str]) -> Plan:
