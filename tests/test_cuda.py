@@ -3,24 +3,14 @@ CPU in the other tests). On a lent GPU machine scripts/gpu_check.sh runs this fi
 
 import pytest
 import torch
+from test_distributed import TINY as DISTRIBUTED_TINY
 
 from lctrun.config import load_experiment
 from lctrun.launch import run_training
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-TINY = [
-    "data.name=fake",
-    "data.shape=[1,28,28]",
-    "data.train_size=96",
-    "data.test_size=64",
-    "data.batch_size=32",
-    "data.augment=false",  # the same samples on both devices, whatever each device's random stream
-    "model.name=cnn-small",
-    "epochs=1",
-    "optim.lr=0.05",
-    "critic.lr=0.001",
-    "critic.channels=16",
-]
+# the distributed tests' tiny run, with the same samples on both devices whatever each device's random stream
+TINY = [*DISTRIBUTED_TINY, "data.augment=false"]
 
 
 @pytest.fixture(autouse=True)
