@@ -403,8 +403,8 @@ def measured_rows(
         names = {row.label: row.projected_label(threads) for row in rows}
         table["config"] = table["config"].map(names)
         table = table.dropna(subset=["config"]).assign(K=k)[["K", "config", "cut", "samples_per_s", "spread"]]
-        names = {"cut": "measured_cut", "samples_per_s": "measured_samples_per_s", "spread": "measured_spread"}
-        measured.append(table.rename(columns=names))
+        columns = {"cut": "measured_cut", "samples_per_s": "measured_samples_per_s", "spread": "measured_spread"}
+        measured.append(table.rename(columns=columns))
     return pd.concat(measured)
 
 
