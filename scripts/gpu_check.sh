@@ -3,11 +3,12 @@
 #   run(command="LCTRUN_COMMIT=<git rev-parse --short HEAD here> scripts/gpu_check.sh", timeout_s=560)
 # 1. tests/test_cuda.py: every CUDA path against its CPU twin (serial, two workers on one GPU, DDP, bf16, profile);
 # 2. `lctrun project` on the GPU for ResNet-20/56/110 (official and pooled critic) and preact-resnet101 at K=2,4,8
-#    with the PCIe and NVLink presets: the projection of K GPUs like this one (issue 27, item 5).
+#    with the PCIe and NVLink presets: the projection of K GPUs like this one (issue 27, item 5); then the
+#    ResNets again in bf16 with channels_last, as one trains on tensor cores.
 # Everything lands in one archive, $OUT/gpu-check.tar.gz (the tool returns at most 8 files): unpack it here with
 #   tar xzf gpu-check.tar.gz -C results/projection   (then commit the tables it holds, and log.txt's test result).
-# Each step has its own time limit, and the archive is written whatever fails, so one call always brings back
-# what it measured. A dry run of the script itself, on a CPU:
+# Each step has its own time limit, no projection starts after BUDGET seconds, and the archive is written
+# whatever fails, so one call always brings back what it measured. A dry run of the script itself, on a CPU:
 #   DEVICE=cpu MODELS=cnn-small SHAPE=1,28,28 KS=2,4 scripts/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
@@ -15,6 +16,7 @@ DEVICE=${DEVICE:-cuda}
 MODELS=${MODELS:-"resnet20 resnet56 resnet110 preact-resnet101"}
 KS=${KS:-2,4,8}  # K: devices
 SHAPE=${SHAPE:-3,32,32}
+BUDGET=${BUDGET:-480}  # seconds: no projection starts after this, so the archive is written inside the call's limit
 PY=${PYTHON:-python3}
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 work=$(mktemp -d)
@@ -32,11 +34,17 @@ torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
     timeout 180 $PY -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
     echo "test_cuda rc=$?"
   fi
-  for model in $MODELS; do
-    for extra in "" "critic.pool=4"; do
-      # preact-resnet101 once (the official critic only): its profile is the longest
+  BF16="precision=bf16 memory_format=channels_last"
+  for extra in "" "critic.pool=4" "$BF16"; do
+    for model in $MODELS; do
+      # preact-resnet101 once (fp32, the official critic): its profile is the longest
       if [ "$model" = preact-resnet101 ] && [ -n "$extra" ]; then continue; fi
-      name="$tag-$model${extra:+-critic-pool-4}"
+      case "$extra" in
+        "") name="$tag-$model" ;;
+        critic.pool=4) name="$tag-$model-critic-pool-4" ;;
+        *) name="$tag-$model-bf16-channels-last" ;;
+      esac
+      if [ "$SECONDS" -ge "$BUDGET" ]; then echo "project $name skipped: ${BUDGET} s budget spent"; continue; fi
       start=$(date +%s)
       timeout 150 $PY -m lctrun project "$model" --groups "$KS" --device "$DEVICE" --shape "$SHAPE" \
         --links pcie4,nvlink --out "$work/$name" $extra

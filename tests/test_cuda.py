@@ -75,12 +75,22 @@ def test_bf16_autocast_trains_on_the_gpu(tmp_path):
     assert run.final["test_acc"] > 0 and all(torch.isfinite(p).all() for p in params(run.run_dir))
 
 
-def test_the_projection_profiles_on_the_gpu(tmp_path):
+@pytest.mark.parametrize("overrides", [[], ["precision=bf16", "memory_format=channels_last"]])
+def test_the_projection_profiles_on_the_gpu(tmp_path, overrides):
     from lctrun.projection.project import project
 
     frame = project(
-        "cnn-small", [2, 4], batch=32, shape=(1, 28, 28), links=["pcie4"], device="cuda", repeats=1, out=tmp_path / "p"
+        "cnn-small",
+        [2, 4],
+        batch=32,
+        shape=(1, 28, 28),
+        links=["pcie4"],
+        device="cuda",
+        repeats=1,
+        overrides=overrides,
+        out=tmp_path / "p",
     )
     assert (frame["projected_samples_per_s"] > 0).all()
     assert {"bp 1 device", "bp data-parallel, 4 devices", "lct 2 devices, depth 2"} <= set(frame["config"])
-    assert "(cuda," in (tmp_path / "p.md").read_text()
+    header = (tmp_path / "p.md").read_text()
+    assert "(cuda," in header and ("precision bf16" in header) == bool(overrides)

@@ -93,7 +93,7 @@ def test_the_check_sets_each_bench_row_beside_its_projection_on_the_cut_it_measu
 
     monkeypatch.setattr(lctrun.bench, "bench", bench)
     factors = iter([1.4, 1.6])  # before and after the bench: the timeline takes their mean
-    monkeypatch.setattr(lctrun.projection.colocation, "slowdown", lambda *args: next(factors))
+    monkeypatch.setattr(lctrun.projection.colocation, "slowdown", lambda *args, **kwargs: next(factors))
     out = tmp_path / "check"
     threads = torch.get_num_threads()
     try:
@@ -194,4 +194,47 @@ def test_colocated_workers_are_timed_alone_and_together():
     from lctrun.projection.colocation import step_ms, together_ms
 
     assert step_ms("cnn-small", (1, 28, 28), 8, steps=2) > 0
+    assert step_ms("cnn-small", (1, 28, 28), 8, steps=2, precision="bf16", layout="channels_last") > 0
     assert all(ms > 0 for ms in together_ms("cnn-small", (1, 28, 28), 8, 2, steps=2))  # a failed worker raises
+
+
+def test_a_bf16_channels_last_profile_runs_as_training_runs():
+    """Under precision=bf16 the blocks compute in bf16, so every activation crossing a cut is half fp32's bytes;
+    under channels_last the blocks see (and pass on) channels-last batches; the critic is profiled the same way."""
+    import torch
+
+    from lctrun.config import CriticConfig
+    from lctrun.models import build_model
+    from lctrun.precision import memory_format
+    from lctrun.projection.profile import profile
+
+    def profiled(precision, layout):
+        torch.manual_seed(0)
+        net = build_model("cnn-small", 10, (1, 28, 28)).to(memory_format=memory_format(layout))
+        sample = torch.randn(16, 1, 28, 28).contiguous(memory_format=memory_format(layout))
+        seen = []
+        net.named_blocks()[1][1].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+        prof = profile(net, sample, [16], ["lct"], CriticConfig(), 10, 1, precision, layout)
+        return prof, seen[0]
+
+    fp32, x32 = profiled("fp32", "contiguous")
+    bf16, x16 = profiled("bf16", "channels_last")
+    assert x32.dtype == torch.float32 and x16.dtype == torch.bfloat16
+    assert x16.is_contiguous(memory_format=torch.channels_last) and not x32.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    for a, b in zip(fp32.blocks[16], bf16.blocks[16], strict=True):
+        assert b.out_bytes == a.out_bytes / 2 and b.param_bytes == a.param_bytes  # parameters stay fp32
+    assert bf16.aux.keys() == fp32.aux.keys() and all(a.forward > 0 for a in bf16.aux.values())
+
+
+def test_project_refuses_fp16_on_a_cpu_without_it():
+    import pytest
+
+    from lctrun.config import ConfigError
+    from lctrun.precision import cpu_has_native_fp16
+
+    if cpu_has_native_fp16():
+        pytest.skip("this CPU computes fp16 natively")
+    with pytest.raises(ConfigError, match="precision=fp16 on this CPU"):
+        project("cnn-small", [2], batch=16, shape=(1, 28, 28), links=["pcie4"], repeats=1, overrides=["precision=fp16"])

@@ -1,6 +1,9 @@
 """One device's profile of a model for one batch: every block's forward, backward, optimiser step, saved
 activations and output bytes, at each batch size a schedule needs (the batch, its micro-batches, its 1/K
-shares); and every auxiliary net a method would attach after a block (critic, head, synthesizer)."""
+shares); and every auxiliary net a method would attach after a block (critic, head, synthesizer). Everything
+runs as training runs it (precision.py): forwards under autocast in the run's precision, on the model, the
+auxiliary nets and the batch in its memory format; so a bf16 profile times bf16 kernels and counts bf16
+activations."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from torch import nn
 from lctrun.config import CriticConfig
 from lctrun.methods import get_method
 from lctrun.methods.critics import make_aux_optimizer
+from lctrun.precision import autocast, to_memory_format
 from lctrun.runtime.accounting import SavedTensors, tensor_bytes
 
 
@@ -61,17 +65,25 @@ def sync(device: torch.device) -> None:
 
 
 def time_module(
-    module: nn.Module, xs: list[torch.Tensor], loss_of, optimizer, repeats: int, input_grad: bool = True
+    module: nn.Module,
+    xs: list[torch.Tensor],
+    loss_of,
+    optimizer,
+    repeats: int,
+    input_grad: bool = True,
+    precision: str = "fp32",
 ) -> tuple:
     """Best-of-`repeats` seconds per input of the forward, the backward (from `loss_of(output)`, into the input
     too where `input_grad`) and the optimiser step; the bytes autograd saves for one input; the outputs. The
     inputs `xs` are the micro-batches of one batch, run as a pipeline runs them: every forward, then every
     backward, with every micro-batch's activations alive (timing one small batch over and over, from warm caches,
-    is optimistic)."""
+    is optimistic). Forwards run under autocast in `precision`; the backward follows the forward's dtypes."""
     xs = [x.detach().requires_grad_(input_grad and x.is_floating_point()) for x in xs]
+    cast = lambda: autocast(precision, [xs[0].device])  # noqa: E731
 
     def forward() -> list[torch.Tensor]:
-        outs = [module(x) for x in xs]
+        with cast():
+            outs = [module(x) for x in xs]
         sync(xs[0].device)
         return outs
 
@@ -84,7 +96,7 @@ def time_module(
             loss.backward()
         sync(xs[0].device)
         bwd = min(bwd, (time.perf_counter() - start) / len(xs)) if i else bwd
-    with SavedTensors() as saved:
+    with SavedTensors() as saved, cast():
         module(xs[0])
     with torch.no_grad():
         outs = forward()
@@ -97,14 +109,17 @@ def sgd(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(list(params), lr=1e-9, momentum=0.9)
 
 
-def profile_blocks(blocks: list[tuple[str, nn.Module]], xs: list[torch.Tensor], repeats: int) -> list[BlockProfile]:
+def profile_blocks(
+    blocks: list[tuple[str, nn.Module]], xs: list[torch.Tensor], repeats: int, precision: str = "fp32"
+) -> list[BlockProfile]:
     """Every block on the micro-batches `xs` of one batch (a list of one: the whole batch), per micro-batch."""
     out = []
     for i, (_, block) in enumerate(blocks):
         buffers = {k: v.clone() for k, v in block.state_dict().items()}  # timing must not move BN statistics
         params = [p for p in block.parameters() if p.requires_grad]
         # training never takes the gradient of the data: the first block's backward stops at its weights
-        fwd, bwd, opt, saved, ys = time_module(block, xs, lambda o: o.float().sum(), sgd(params), repeats, i > 0)
+        loss_of = lambda o: o.float().sum()  # noqa: E731
+        fwd, bwd, opt, saved, ys = time_module(block, xs, loss_of, sgd(params), repeats, i > 0, precision)
         block.load_state_dict(buffers)
         out.append(BlockProfile(fwd, bwd, opt if params else 0.0, tensor_bytes(ys[:1]), saved, tensor_bytes(params)))
         xs = ys
@@ -120,21 +135,29 @@ def fastest(first: list[BlockProfile], second: list[BlockProfile]) -> list[Block
     ]  # fmt: skip
 
 
-def profile_aux(method: str, h: torch.Tensor, critic: CriticConfig, num_classes: int, repeats: int):
+def profile_aux(
+    method: str,
+    h: torch.Tensor,
+    critic: CriticConfig,
+    num_classes: int,
+    repeats: int,
+    precision: str = "fp32",
+    memory_format: str = "contiguous",
+):
     """The auxiliary net `method` attaches after an output like h (None: the method attaches none)."""
     aux = get_method(method).aux_module(tuple(h.shape[1:]), critic, num_classes, 0, 1)
     if aux is None:
         return None
-    aux = aux.to(h.device)
+    aux = to_memory_format(aux.to(h.device), memory_format)
     params = list(aux.parameters())
     y = torch.randint(0, num_classes, (len(h),), device=h.device)
-    if method == "dni":
-        loss_of = lambda out: F.mse_loss(out, torch.zeros_like(out))  # noqa: E731
+    if method == "dni":  # the methods take their losses in fp32 (methods/base.py, dni.py)
+        loss_of = lambda out: F.mse_loss(out.float(), torch.zeros_like(out, dtype=torch.float32))  # noqa: E731
     else:
-        loss_of = lambda out: F.cross_entropy(out, y)  # noqa: E731
+        loss_of = lambda out: F.cross_entropy(out.float(), y)  # noqa: E731
     # lct and dni step their auxiliary nets with critic.optim (Adam by default); dgl with the group's SGD
     optimizer = sgd(params) if method == "dgl" else make_aux_optimizer(params, critic)
-    fwd, bwd, opt, saved, _ = time_module(aux, [h], loss_of, optimizer, repeats)
+    fwd, bwd, opt, saved, _ = time_module(aux, [h], loss_of, optimizer, repeats, True, precision)
     state = 2 if isinstance(optimizer, torch.optim.Adam) else 1
     return AuxProfile(fwd, bwd, opt, saved, tensor_bytes(params), state * tensor_bytes(params))
 
@@ -147,20 +170,24 @@ def profile(
     critic: CriticConfig,
     num_classes: int,
     repeats: int = 2,
+    precision: str = "fp32",
+    memory_format: str = "contiguous",
 ) -> Profile:
     """Every block at every batch size in `sizes` (`sample` split into micro-batches of that size, timed as a
     pipeline runs them), and each method's auxiliary net after every block but the last, at the whole batch
     (local methods do not split batches). The blocks are timed in `repeats` rounds over the sizes, the fastest
-    of each kept: a slow spell of a shared machine then costs one round, not every timing of one size."""
+    of each kept: a slow spell of a shared machine then costs one round, not every timing of one size.
+    `model` and `sample` are in `memory_format` already (as training holds them); the auxiliary nets are put in
+    it here."""
     blocks = model.named_blocks()
     result = Profile([n for n, _ in blocks])
     with torch.random.fork_rng(devices=[]):
         for _ in range(repeats):
             for size in sorted(set(sizes), reverse=True):
-                timed = profile_blocks(blocks, list(sample.split(size)), 1)
+                timed = profile_blocks(blocks, list(sample.split(size)), 1, precision)
                 result.blocks[size] = fastest(result.blocks[size], timed) if size in result.blocks else timed
         outputs, x = [], sample
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision, [sample.device]):
             model.eval()
             for _, block in blocks:
                 x = block(x)
@@ -172,7 +199,7 @@ def profile(
             for i, h in enumerate(outputs[:-1]):
                 key = (method, result.out_shapes[i])
                 if key not in measured:
-                    measured[key] = profile_aux(method, h, critic, num_classes, repeats)
+                    measured[key] = profile_aux(method, h, critic, num_classes, repeats, precision, memory_format)
                 if measured[key] is not None:
                     result.aux[(method, i)] = measured[key]
     return result

@@ -24,6 +24,7 @@ from lctrun.bench_rows import bench_rows, layer_serial_row
 from lctrun.config import ConfigError, Experiment, load_experiment
 from lctrun.models import build_model
 from lctrun.models.chain import balanced_cuts
+from lctrun.precision import check_precision, compute_dtype, memory_format, to_memory_format
 from lctrun.projection.links import link_named
 from lctrun.projection.profile import Profile, profile
 from lctrun.projection.timeline import (
@@ -131,7 +132,8 @@ def seconds_per_batch(plan: Plan, prof: Profile, link: Link, slowdown: float = 1
         depth = max(cfg.pipeline_depth, 4)
         down = cfg.layerpar.downsample
         shapes = [prof.out_shapes[i] for i in plan.cut]
-        sent = [batch * 4 * math.prod(s) / (down**2 if len(s) == 3 else 1) for s in shapes]
+        width = compute_dtype(cfg.precision).itemsize  # activations cross in the compute dtype (transport.Wire)
+        sent = [batch * width * math.prod(s) / (down**2 if len(s) == 3 else 1) for s in shapes]
         return steady(lambda n: layer_parallel(stages, depth, n, sent))
     return steady(lambda n: layer_serial_bp(stages, n))
 
@@ -227,24 +229,29 @@ def project(
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
+    check_precision(cfg0.precision, cfg0.memory_format, [device], len(shape))
     torch.manual_seed(0)
-    net = build_model(model, cfg0.data.num_classes, tuple(shape)).to(device)
+    net = to_memory_format(build_model(model, cfg0.data.num_classes, tuple(shape)).to(device), cfg0.memory_format)
     blocks = len(net.named_blocks())
     if max(groups) > blocks:
         raise ConfigError(
             f"--groups {max(groups)}: {model} has {blocks} blocks, so at most {blocks} devices (give --groups up "
             f"to {blocks})"
         )
-    sample = torch.randn(batch, *shape, device=device)
+    sample = torch.randn(batch, *shape, device=device).contiguous(memory_format=memory_format(cfg0.memory_format))
     sizes = [batch] + [batch // m for m in microbatches if batch % m == 0] + [-(-batch // k) for k in groups]
     console.print(
-        f"profiling {model} on {device} with {torch.get_num_threads()} threads, batch sizes {sorted(set(sizes))}"
+        f"profiling {model} on {device} with {torch.get_num_threads()} threads, batch sizes {sorted(set(sizes))}, "
+        f"precision {cfg0.precision}, memory format {cfg0.memory_format}"
     )
-    prof = profile(net, sample, sizes, [m for m in methods if m != "bp"], cfg0.critic, cfg0.data.num_classes, repeats)
+    aux_methods = [m for m in methods if m != "bp"]
+    prof = profile(
+        net, sample, sizes, aux_methods, cfg0.critic, cfg0.data.num_classes, repeats, cfg0.precision, cfg0.memory_format
+    )
     slowdowns: dict[int, float] = {}  # K -> how much K workers sharing this machine's cores slow each other
     if measure:
         bench_dir = Path(f"{out}-bench") if out is not None else Path("results/bench/projection-check-bench")
-        before = colocation_slowdowns(model, shape, batch, groups, threads, device, console)
+        before = colocation_slowdowns(model, shape, batch, groups, threads, device, cfg0, console)
         measured = measured_rows(
             model,
             groups,
@@ -259,7 +266,7 @@ def project(
             repeats,
             bench_dir,
         ).set_index(["K", "config"])
-        after = colocation_slowdowns(model, shape, batch, groups, threads, device, console)
+        after = colocation_slowdowns(model, shape, batch, groups, threads, device, cfg0, console)
         slowdowns = {k: (before[k] + after[k]) / 2 for k in before}  # the bench ran between the two
     rows = []
     for link in link_list:
@@ -357,16 +364,20 @@ def project(
     return frame
 
 
-def colocation_slowdowns(model, shape, batch, groups, threads, device, console) -> dict[int, float]:
+def colocation_slowdowns(model, shape, batch, groups, threads, device, cfg: Experiment, console) -> dict[int, float]:
     """K -> how many times slower K one-thread workers on this machine step at once than one alone (a batch of
-    batch / K each, as the data-parallel replicas run; fp32, whatever the overrides), for the K that fit its
-    cores one thread each; none when the profiled device is not a CPU core or has more than one thread."""
+    batch / K each, as the data-parallel replicas run, in the run's precision and memory format), for the K that
+    fit its cores one thread each; none when the profiled device is not a CPU core or has more than one thread."""
     from lctrun.projection.colocation import slowdown
 
     cores = os.cpu_count() or 1
     if device != "cpu" or threads != 1:
         return {}
-    factors = {k: slowdown(model, tuple(shape), -(-batch // k), k) for k in groups if k <= cores}
+    factors = {
+        k: slowdown(model, tuple(shape), -(-batch // k), k, precision=cfg.precision, layout=cfg.memory_format)
+        for k in groups
+        if k <= cores
+    }
     for k, factor in factors.items():
         console.print(f"K={k} one-thread workers stepping at once: {factor:.3f}x as slow as one alone")
     return factors
