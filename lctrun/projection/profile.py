@@ -67,17 +67,18 @@ def sync(device: torch.device) -> None:
 def time_module(
     module: nn.Module,
     xs: list[torch.Tensor],
-    loss_of,
+    backward_from,
     optimizer,
     repeats: int,
     input_grad: bool = True,
     precision: str = "fp32",
 ) -> tuple:
-    """Best-of-`repeats` seconds per input of the forward, the backward (from `loss_of(output)`, into the input
-    too where `input_grad`) and the optimiser step; the bytes autograd saves for one input; the outputs. The
-    inputs `xs` are the micro-batches of one batch, run as a pipeline runs them: every forward, then every
-    backward, with every micro-batch's activations alive (timing one small batch over and over, from warm caches,
-    is optimistic). Forwards run under autocast in `precision`; the backward follows the forward's dtypes."""
+    """Best-of-`repeats` seconds per input of the forward, the backward (from `backward_from(output)`, the tensor
+    and gradient it starts from, made before the clock starts; into the input too where `input_grad`) and the
+    optimiser step; the bytes autograd saves for one input; the outputs. The inputs `xs` are the micro-batches of
+    one batch, run as a pipeline runs them: every forward, then every backward, with every micro-batch's
+    activations alive (timing one small batch over and over, from warm caches, is optimistic). Forwards run
+    under autocast in `precision`; the backward follows the forward's dtypes."""
     xs = [x.detach().requires_grad_(input_grad and x.is_floating_point()) for x in xs]
     cast = lambda: autocast(precision, [xs[0].device])  # noqa: E731
 
@@ -90,10 +91,11 @@ def time_module(
     fwd = best_of(forward, repeats) / len(xs)
     bwd = float("inf")
     for i in range(repeats + 1):  # the first is a warm-up
-        losses = [loss_of(out) for out in forward()]
+        roots = [backward_from(out) for out in forward()]
+        sync(xs[0].device)
         start = time.perf_counter()
-        for loss in losses:
-            loss.backward()
+        for tensor, grad in roots:
+            tensor.backward(grad)
         sync(xs[0].device)
         bwd = min(bwd, (time.perf_counter() - start) / len(xs)) if i else bwd
     with SavedTensors() as saved, cast():
@@ -118,8 +120,10 @@ def profile_blocks(
         buffers = {k: v.clone() for k, v in block.state_dict().items()}  # timing must not move BN statistics
         params = [p for p in block.parameters() if p.requires_grad]
         # training never takes the gradient of the data: the first block's backward stops at its weights
-        loss_of = lambda o: o.float().sum()  # noqa: E731
-        fwd, bwd, opt, saved, ys = time_module(block, xs, loss_of, sgd(params), repeats, i > 0, precision)
+        # a stage's backward starts from the gradient the next stage sends: in its output's dtype and layout (a
+        # loss such as o.float().sum() would add a cast of a broadcast gradient, 25% of a bf16 backward)
+        from_next = lambda o: (o, torch.ones_like(o))  # noqa: E731
+        fwd, bwd, opt, saved, ys = time_module(block, xs, from_next, sgd(params), repeats, i > 0, precision)
         block.load_state_dict(buffers)
         out.append(BlockProfile(fwd, bwd, opt if params else 0.0, tensor_bytes(ys[:1]), saved, tensor_bytes(params)))
         xs = ys
@@ -152,9 +156,9 @@ def profile_aux(
     params = list(aux.parameters())
     y = torch.randint(0, num_classes, (len(h),), device=h.device)
     if method == "dni":  # the methods take their losses in fp32 (methods/base.py, dni.py)
-        loss_of = lambda out: F.mse_loss(out.float(), torch.zeros_like(out, dtype=torch.float32))  # noqa: E731
+        loss_of = lambda out: (F.mse_loss(out.float(), torch.zeros_like(out, dtype=torch.float32)), None)  # noqa: E731
     else:
-        loss_of = lambda out: F.cross_entropy(out.float(), y)  # noqa: E731
+        loss_of = lambda out: (F.cross_entropy(out.float(), y), None)  # noqa: E731
     # lct and dni step their auxiliary nets with critic.optim (Adam by default); dgl with the group's SGD
     optimizer = sgd(params) if method == "dgl" else make_aux_optimizer(params, critic)
     fwd, bwd, opt, saved, _ = time_module(aux, [h], loss_of, optimizer, repeats, True, precision)
