@@ -73,12 +73,17 @@ def test_the_check_sets_each_bench_row_beside_its_projection_on_the_cut_it_measu
     """`project --measure` without the minutes of a real bench: a stand-in bench returns every row it would run,
     lct on a cut of its own (conv1, where the profile would not put it); the check projects lct there, matches
     every row by name and writes the bench's tables to OUT-bench/."""
+    from dataclasses import replace
+
     import pandas as pd
+    import pytest
     import torch
 
     import lctrun.bench
     import lctrun.projection.colocation
+    import lctrun.projection.project
     from lctrun.bench_rows import layer_serial_row
+    from lctrun.projection.profile import combined, compute_seconds
 
     calls = []
 
@@ -92,6 +97,18 @@ def test_the_check_sets_each_bench_row_beside_its_projection_on_the_cut_it_measu
         return pd.DataFrame({"config": [r.label for r in rows], "cut": cuts, "samples_per_s": 100.0, "spread": 0.05})
 
     monkeypatch.setattr(lctrun.bench, "bench", bench)
+    real_profile, taken = lctrun.projection.project.profile, []
+
+    def profile(*args, **kwargs):  # the one after the bench: as if the machine had become three times slower
+        prof = real_profile(*args, **kwargs)
+        if taken:
+            slower = lambda a: combined(a, a, lambda u, _: 3 * u)  # noqa: E731
+            blocks = {size: [slower(b) for b in timed] for size, timed in prof.blocks.items()}
+            prof = replace(prof, blocks=blocks, aux={key: slower(a) for key, a in prof.aux.items()})
+        taken.append(prof)
+        return prof
+
+    monkeypatch.setattr(lctrun.projection.project, "profile", profile)
     factors = iter([1.4, 1.6])  # before and after the bench: the timeline takes their mean
     monkeypatch.setattr(lctrun.projection.colocation, "slowdown", lambda *args, **kwargs: next(factors))
     out = tmp_path / "check"
@@ -129,6 +146,11 @@ def test_the_check_sets_each_bench_row_beside_its_projection_on_the_cut_it_measu
     assert abs(shared["bp data-parallel, 2 devices"] - 1 / 1.5) < 0.01
     assert 1 / 1.5 - 0.01 < shared["bp gpipe M=2, 2 devices"] < 1.0  # its stages overlap part of the time
     assert "K=2: 1.500x" in (tmp_path / "check.md").read_text()
+    # the rows are priced at the mean of the profiles before and after the bench: one device computes the batch
+    before, after = (compute_seconds(prof, 16) for prof in taken)  # about 1 : 3
+    assert f"(after / before: {after / before:.3f}x" in (tmp_path / "check.md").read_text()
+    mean_seconds = (before + after) / 2
+    assert rows.loc["bp 1 device", "projected_samples_per_s"] == pytest.approx(16 / mean_seconds, rel=2e-3)
 
 
 def test_the_profile_keeps_each_blocks_fastest_round():

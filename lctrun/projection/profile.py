@@ -130,13 +130,35 @@ def profile_blocks(
     return out
 
 
+def combined(a, b, how):
+    """Two timings of the same block or auxiliary net, each time `how` of the two (bytes are the same in both)."""
+    return replace(a, forward=how(a.forward, b.forward), backward=how(a.backward, b.backward),
+                   optimizer=how(a.optimizer, b.optimizer))  # fmt: skip
+
+
 def fastest(first: list[BlockProfile], second: list[BlockProfile]) -> list[BlockProfile]:
     """Block by block, the faster of two timings of the same blocks."""
-    return [
-        replace(a, forward=min(a.forward, b.forward), backward=min(a.backward, b.backward),
-                optimizer=min(a.optimizer, b.optimizer))
-        for a, b in zip(first, second, strict=True)
-    ]  # fmt: skip
+    return [combined(a, b, min) for a, b in zip(first, second, strict=True)]
+
+
+def compute_seconds(prof: Profile, size: int) -> float:
+    """One batch of `size` through every block: forward, backward and step."""
+    return sum(b.forward + b.backward + b.optimizer for b in prof.blocks[size])
+
+
+def mean_of(first: Profile, second: Profile) -> Profile:
+    """Two profiles of the same model, every time the mean of the two: what a machine whose speed drifts
+    computed on average between them."""
+
+    def mean(u: float, v: float) -> float:
+        return (u + v) / 2
+
+    blocks = {
+        size: [combined(a, b, mean) for a, b in zip(timed, second.blocks[size], strict=True)]
+        for size, timed in first.blocks.items()
+    }
+    aux = {key: combined(a, second.aux[key], mean) for key, a in first.aux.items()}
+    return replace(first, blocks=blocks, aux=aux)
 
 
 def profile_aux(

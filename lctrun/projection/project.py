@@ -26,7 +26,7 @@ from lctrun.models import build_model
 from lctrun.models.chain import balanced_cuts
 from lctrun.precision import check_precision, compute_dtype, memory_format, to_memory_format
 from lctrun.projection.links import link_named
-from lctrun.projection.profile import Profile, profile
+from lctrun.projection.profile import Profile, compute_seconds, mean_of, profile
 from lctrun.projection.timeline import (
     Link,
     StageCost,
@@ -245,10 +245,16 @@ def project(
         f"precision {cfg0.precision}, memory format {cfg0.memory_format}"
     )
     aux_methods = [m for m in methods if m != "bp"]
-    prof = profile(
-        net, sample, sizes, aux_methods, cfg0.critic, cfg0.data.num_classes, repeats, cfg0.precision, cfg0.memory_format
-    )
+
+    def profiled() -> Profile:
+        return profile(
+            net, sample, sizes, aux_methods, cfg0.critic, cfg0.data.num_classes, repeats, cfg0.precision,
+            cfg0.memory_format,
+        )  # fmt: skip
+
+    prof = profiled()
     slowdowns: dict[int, float] = {}  # K -> how much K workers sharing this machine's cores slow each other
+    drift = None  # the profile after the bench against the one before
     if measure:
         bench_dir = Path(f"{out}-bench") if out is not None else Path("results/bench/projection-check-bench")
         before = colocation_slowdowns(model, shape, batch, groups, threads, device, cfg0, console)
@@ -268,6 +274,12 @@ def project(
         ).set_index(["K", "config"])
         after = colocation_slowdowns(model, shape, batch, groups, threads, device, cfg0, console)
         slowdowns = {k: (before[k] + after[k]) / 2 for k in before}  # the bench ran between the two
+        # a shared machine's speed drifts over the minutes a bench takes: price the rows at the mean of a
+        # profile before and one after it, so that the check compares the timeline, not two moments
+        again = profiled()
+        drift = compute_seconds(again, batch) / compute_seconds(prof, batch)
+        console.print(f"profile after the bench: {drift:.3f}x the one before; the rows use the mean of the two")
+        prof = mean_of(prof, again)
     rows = []
     for link in link_list:
         for k in groups:
@@ -341,7 +353,9 @@ def project(
                 " Measured: `lctrun bench` on this machine in the same command, K workers sharing its cores (one "
                 "device = the threads each worker gets); each row projected on the cut the bench ran it on; "
                 "ratio = projected / measured samples/s. A row without a measurement is one the bench did not run "
-                "(a layer-serial reference on a cut no method measured)."
+                "(a layer-serial reference on a cut no method measured). The profile was taken before and after "
+                f"the bench and the rows priced at the mean of the two (after / before: {drift:.3f}x, one batch "
+                "through every block)."
             )
             if slowdowns:
                 factors = ", ".join(f"K={k}: {f:.3f}x" for k, f in slowdowns.items())
