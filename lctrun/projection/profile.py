@@ -115,14 +115,14 @@ def profile_blocks(
     blocks: list[tuple[str, nn.Module]], xs: list[torch.Tensor], repeats: int, precision: str = "fp32"
 ) -> list[BlockProfile]:
     """Every block on the micro-batches `xs` of one batch (a list of one: the whole batch), per micro-batch."""
+    # a stage's backward starts from the gradient the next stage sends: in its output's dtype and layout (a loss
+    # such as o.float().sum() would add a cast of a broadcast gradient, 25% of a bf16 backward)
+    from_next = lambda o: (o, torch.ones_like(o))  # noqa: E731
     out = []
     for i, (_, block) in enumerate(blocks):
         buffers = {k: v.clone() for k, v in block.state_dict().items()}  # timing must not move BN statistics
         params = [p for p in block.parameters() if p.requires_grad]
         # training never takes the gradient of the data: the first block's backward stops at its weights
-        # a stage's backward starts from the gradient the next stage sends: in its output's dtype and layout (a
-        # loss such as o.float().sum() would add a cast of a broadcast gradient, 25% of a bf16 backward)
-        from_next = lambda o: (o, torch.ones_like(o))  # noqa: E731
         fwd, bwd, opt, saved, ys = time_module(block, xs, from_next, sgd(params), repeats, i > 0, precision)
         block.load_state_dict(buffers)
         out.append(BlockProfile(fwd, bwd, opt if params else 0.0, tensor_bytes(ys[:1]), saved, tensor_bytes(params)))
