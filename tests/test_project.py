@@ -211,6 +211,29 @@ def test_the_profile_takes_no_gradient_of_the_data():
     assert blocks[0][1].seen == {False} and blocks[1][1].seen == {True}
 
 
+def test_a_blocks_backward_starts_from_a_gradient_like_the_next_stage_sends():
+    """In a bf16 channels-last profile, the gradient reaching a block's output is bf16 and channels-last, as a
+    pipeline stage receives it; a loss like o.float().sum() would hand back a plain NCHW one through a cast."""
+    import torch
+    from torch import nn
+
+    from lctrun.projection.profile import profile_blocks
+
+    seen = []
+
+    class Recorder(nn.Conv2d):
+        def forward(self, x):
+            out = super().forward(x)
+            if out.requires_grad:
+                out.register_hook(lambda g: seen.append((g.dtype, g.is_contiguous(memory_format=torch.channels_last))))
+            return out
+
+    blocks = [(name, Recorder(4, 4, 3, padding=1).to(memory_format=torch.channels_last)) for name in ("a", "b")]
+    x = torch.randn(8, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    profile_blocks(blocks, [x], repeats=1, precision="bf16")
+    assert seen and set(seen) == {(torch.bfloat16, True)}
+
+
 def test_colocated_workers_are_timed_alone_and_together():
     """The factor's two halves run for real (spawned workers on a tiny model): every worker reports a step time."""
     from lctrun.projection.colocation import step_ms, together_ms
