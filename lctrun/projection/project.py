@@ -257,7 +257,7 @@ def project(
     drift = None  # the profile after the bench against the one before
     if measure:
         bench_dir = Path(f"{out}-bench") if out is not None else Path("results/bench/projection-check-bench")
-        before = colocation_slowdowns(model, shape, batch, groups, threads, device, cfg0, console)
+        before = colocation_slowdowns(cfg0, groups, threads, device, console)
         measured = measured_rows(
             model,
             groups,
@@ -272,7 +272,7 @@ def project(
             repeats,
             bench_dir,
         ).set_index(["K", "config"])
-        after = colocation_slowdowns(model, shape, batch, groups, threads, device, cfg0, console)
+        after = colocation_slowdowns(cfg0, groups, threads, device, console)
         slowdowns = {k: (before[k] + after[k]) / 2 for k in before}  # the bench ran between the two
         # a shared machine's speed drifts over the minutes a bench takes: price the rows at the mean of a
         # profile before and one after it, so that the check compares the timeline, not two moments
@@ -378,17 +378,19 @@ def project(
     return frame
 
 
-def colocation_slowdowns(model, shape, batch, groups, threads, device, cfg: Experiment, console) -> dict[int, float]:
-    """K -> how many times slower K one-thread workers on this machine step at once than one alone (a batch of
-    batch / K each, as the data-parallel replicas run, in the run's precision and memory format), for the K that
-    fit its cores one thread each; none when the profiled device is not a CPU core or has more than one thread."""
+def colocation_slowdowns(cfg: Experiment, groups, threads, device, console) -> dict[int, float]:
+    """K -> how many times slower K one-thread workers on this machine step at once than one alone (cfg's model,
+    a batch of batch / K each, as the data-parallel replicas run, in its precision and memory format), for the K
+    that fit its cores one thread each; none when the profiled device is not a CPU core or has more than one
+    thread."""
     from lctrun.projection.colocation import slowdown
 
     cores = os.cpu_count() or 1
     if device != "cpu" or threads != 1:
         return {}
+    model, shape, batch = cfg.model.name, tuple(cfg.data.shape), cfg.data.batch_size
     factors = {
-        k: slowdown(model, tuple(shape), -(-batch // k), k, precision=cfg.precision, layout=cfg.memory_format)
+        k: slowdown(model, shape, -(-batch // k), k, precision=cfg.precision, layout=cfg.memory_format)
         for k in groups
         if k <= cores
     }
